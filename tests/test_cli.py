@@ -1,0 +1,86 @@
+"""Every config runs with fast_dev_run; user mistakes end in one clear line, not a traceback."""
+
+from pathlib import Path
+
+import pytest
+
+from ftlab.cli import main
+
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def _sst2_like(tmp_path: Path) -> str:
+    rows = "sentence\tlabel\n" + "".join(f"{w} film \t{i % 2}\n" for i, w in enumerate(["good", "bad"] * 8))
+    (tmp_path / "train.tsv").write_text(rows)
+    (tmp_path / "dev.tsv").write_text(rows)
+    return str(tmp_path)
+
+
+def _overrides(config: Path, tmp_path: Path) -> list[str]:
+    text = config.read_text()
+    extra = []
+    if "sst2_glue" in text:
+        extra += ["--data.init_args.source", _sst2_like(tmp_path)]
+    if "synthetic_size" in text or "TextData" in text:
+        extra += ["--data.init_args.synthetic_size", "64"]
+    if "InstructionData" in text:
+        extra += ["--data.init_args.synthetic_train_size", "64", "--data.init_args.synthetic_val_size", "8"]
+    return extra
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(config.parents[1])
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run=true",
+          f"--trainer.default_root_dir={tmp_path}", *_overrides(config, tmp_path)])
+
+
+def test_links_fill_tokenizer_and_max_length(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIGS[0].parent / "lora.yaml"), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "tokenizer: tiny-llama" in printed and "max_length: 96" in printed
+
+
+def _error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_preset_is_one_line(capsys, tmp_path):
+    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
+                  "--model.init_args.backbone.name_or_path", "tiny-lama",
+                  f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert "unknown backbone preset 'tiny-lama'" in err and "Traceback" not in err
+
+
+def test_rank_zero_is_rejected(capsys, tmp_path):
+    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
+                  "--model.init_args.method.init_args.rank", "0", f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert "rank must be > 0" in err and "Traceback" not in err
+
+
+def test_target_matching_nothing_lists_modules(capsys, tmp_path):
+    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
+                  "--model.init_args.method.init_args.targets", "[query]", f"--trainer.default_root_dir={tmp_path}",
+                  "--data.init_args.synthetic_train_size", "8", "--data.init_args.synthetic_val_size", "4"], capsys)
+    assert "match no module" in err and "model.layers.*.self_attn.q_proj" in err
+
+
+def test_config_key_typo(capsys):
+    err = _error(["fit", "--config", "configs/lora.yaml", "--model.init_args.methd", "x"], capsys)
+    assert "methd" in err
+
+
+def test_missing_data_path(capsys, tmp_path):
+    err = _error(["fit", "--config", "configs/lora_sst2.yaml", "--trainer.fast_dev_run=true",
+                  "--data.init_args.source", str(tmp_path / "nowhere"), f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert "nowhere does not exist" in err
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
