@@ -11,6 +11,7 @@ Links: the data's tokenizer comes from ``model.init_args.backbone.name_or_path``
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -25,6 +26,8 @@ from ftlab.callbacks import ParameterTable, SaveAdapter, Throughput
 from ftlab.objectives._base import Objective
 
 DEFAULT_CALLBACKS = (ParameterTable, Throughput, SaveAdapter)
+#: Subcommands beside Lightning's fit/validate/test/predict: name -> "module:function(argv)".
+EXTRA_COMMANDS: dict[str, str] = {}
 
 
 class FtlabCLI(LightningCLI):
@@ -42,11 +45,21 @@ class FtlabCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module, _, func = EXTRA_COMMANDS[argv[0]].partition(":")
+        command = getattr(importlib.import_module(module), func)
+        return _friendly(lambda: command(argv[1:]))
+    return _friendly(lambda: FtlabCLI(
+        Objective, subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True}, args=argv,
+    ))
+
+
+def _friendly(run) -> None:
+    """Run ``run()``; a mistake that ftlab's own code detected ends in one line and exit code 2."""
     try:
-        FtlabCLI(
-            Objective, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True}, args=args,
-        )
+        run()
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         if os.environ.get("FTLAB_DEBUG") or not _raised_by_ftlab(err):
             raise
