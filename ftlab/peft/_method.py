@@ -38,7 +38,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights count as the values they hold."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)
+        # Two 4-bit values per byte of storage, whatever dtype the packed storage uses.
+        n = p.numel() * (2 * p.element_size() if getattr(p, "quant_state", None) is not None else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -90,6 +90,8 @@ class LoRALinear(nn.Module):
         name = name or self.active
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        if _is_4bit(self.base):  # adding to packed 4-bit codes would silently corrupt them
+            raise RuntimeError("cannot merge into a 4-bit base in place: use ftlab.peft.qlora.merge")
         w = self.base.weight
         with torch.no_grad():
             w += self.delta_weight(name).to(w.dtype)
@@ -109,10 +111,12 @@ class LoRALinear(nn.Module):
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
+    if _is_4bit(base):  # packed codes may be stored as a float dtype (quant_storage): not the compute dtype
+        return getattr(base, "compute_dtype", None) or torch.float32
     w = base.weight
     if w.dtype.is_floating_point:
         return w.dtype
-    return getattr(base, "compute_dtype", None) or torch.float32  # quantized weights
+    return getattr(base, "compute_dtype", None) or torch.float32  # other quantized weights
 
 
 class LoRA:
@@ -179,7 +183,8 @@ class LoRA:
 
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``r · (in + out)`` summed over adapted layers of ``model``."""
-        return sum(self.rank * (m.in_features + m.out_features) for m in lora_layers(model))
+        layers = [m for m in lora_layers(model) if self.adapter_name in m.lora_A]
+        return sum(self.rank * (m.in_features + m.out_features) for m in layers)
 
 
 # ---------------------------------------------------------------------------------- functions
