@@ -8,8 +8,8 @@ Four skills on short made-up words and small numbers:
     repeat    "Write the word twice."                tomel   -> tomel tomel
 
 ``instruction_rows`` gives them in Alpaca form (instruction / input / output). ``corpus_documents``
-states the same skills as plain sentences ("tomel backwards is lemot.") with no instruction
-template: the text ``tiny-llama`` is pretrained on. Fine-tuning then has to teach the model to
+states the same skills as plain sentences in several phrasings ("tomel backwards is lemot.",
+"The sum of 17 and 25 is 42.") with no instruction template: the text ``tiny-llama`` is pretrained on. Fine-tuning then has to teach the model to
 follow the Alpaca format, which it has never seen, using skills it already has — the situation
 instruction tuning is for. Words are drawn from disjoint seeds, so evaluation words are new.
 """
@@ -60,11 +60,17 @@ def instruction_rows(n: int, seed: int = 0, tasks: list[str] | None = None) -> l
     return rows
 
 
+# Several phrasings per skill, with different gaps between the word and its answer, so the
+# pretrained model knows each skill by what it means, not by where the answer sits.
 _SENTENCES = {
-    "reverse": "{x} backwards is {y}.",
-    "upper": "{x} in capitals is {y}.",
-    "add": "{a} plus {b} makes {y}.",
-    "repeat": "{x} said twice is {y}.",
+    "reverse": ["{x} backwards is {y}.", "The reverse of {x} is {y}.", "If you reverse {x} you get {y}.",
+                "{x} read from right to left:\n{y}", "Spelled backwards, {x} becomes {y}."],
+    "upper": ["{x} in capitals is {y}.", "Capitalised, {x} is written {y}.", "{x} in upper case:\n{y}",
+              "The capital form of {x} is {y}."],
+    "add": ["{a} plus {b} makes {y}.", "The sum of {a} and {b} is {y}.", "{a} + {b} = {y}",
+            "Adding {a} and {b}:\n{y}", "{a} and {b} add up to {y}."],
+    "repeat": ["{x} said twice is {y}.", "Say {x} two times: {y}.", "{x} doubled:\n{y}",
+               "Twice {x} is {y}."],
 }
 
 
@@ -77,10 +83,7 @@ def corpus_documents(n: int, seed: int = 0, facts_per_document: int = 4) -> list
         for _ in range(facts_per_document):
             task = rng.choice(list(TASKS))
             x, y = _example(task, rng)
-            if task == "add":
-                a, b = x.split(" + ")
-                lines.append(_SENTENCES[task].format(a=a, b=b, y=y))
-            else:
-                lines.append(_SENTENCES[task].format(x=x, y=y))
-        docs.append(" ".join(lines))
+            a, _, b = x.partition(" + ")
+            lines.append(rng.choice(_SENTENCES[task]).format(x=x, a=a, b=b, y=y))
+        docs.append("".join(line + rng.choice([" ", "\n"]) for line in lines).rstrip())
     return docs

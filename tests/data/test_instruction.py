@@ -29,7 +29,8 @@ def test_synthetic_rows_are_deterministic_and_correct():
             assert row["output"] == f"{row['input']} {row['input']}"
     assert {r["task"] for r in a} == set(TASKS)
     docs = corpus_documents(5, seed=0)
-    assert len(docs) == 5 and all(d.endswith(".") and "###" not in d for d in docs)
+    assert len(docs) == 5 and all("###" not in d and "Instruction" not in d for d in docs)
+    assert corpus_documents(5, seed=0) == docs
 
 
 def test_prompt_masking_labels_are_ignore_exactly_on_prompt_and_padding():
