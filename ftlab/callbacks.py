@@ -144,3 +144,76 @@ class SaveBackboneWeights(L.Callback):
         save_file(state, tmp, metadata={"produced_by": "ftlab configs/pretrain.yaml"})
         tmp.replace(self.path)
         rank_zero_info(f"backbone weights saved to {self.path}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class StopOnNonFinite(L.Callback):
+    """Stop at the first NaN/inf training loss, before anything is saved from the broken weights.
+
+    Checkpoints and the adapter are written at validation and fit end; raising here skips both,
+    so the last good checkpoint on disk is never overwritten.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at step {trainer.global_step} (batch {batch_idx}); stopped. "
+                "Checkpoints already on disk were left as they were. Try a lower learning rate, "
+                "gradient clipping (--trainer.gradient_clip_val 1.0) or float32."
+            )
+
+
+class RunSummary(L.Callback):
+    """Write ``summary.json`` to the run directory when fit ends: method, objective, arguments,
+    final metrics, parameter counts, median tokens/s and peak memory, so runs compare in one table."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        if trainer.fast_dev_run:
+            return
+        perf = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+        median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+        hp = dict(pl_module.hparams)
+        summary = {
+            "objective": type(pl_module).__name__,
+            "method": hp.get("method", {}).get("class"),
+            "hparams": hp,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            **getattr(trainer, "ftlab_params", {}),
+            "steps": trainer.global_step,
+            "perf/tokens_per_s": median(perf.tokens_per_s) if perf else None,
+            "perf/step_s": median(perf.step_times) if perf else None,
+            "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
+        }
+        path = run_dir(trainer) / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        rank_zero_info(f"run summary written to {path}")
+
+
+class WritePredictions(L.Callback):
+    """``ftlab predict`` writes ``predictions.jsonl`` (one line per sample) to the run directory."""
+
+    def __init__(self):
+        self.rows: list[Any] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, torch.Tensor):
+            outputs = outputs.tolist()
+        self.rows.extend(outputs if isinstance(outputs, list) else [outputs])
+
+    @rank_zero_only
+    def on_predict_end(self, trainer, pl_module) -> None:
+        import json
+
+        path = run_dir(trainer) / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.rows))
+        rank_zero_info(f"{len(self.rows)} predictions written to {path}")
+        self.rows = []
