@@ -98,7 +98,11 @@ class Throughput(L.Callback):
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run: the first logger's log_dir, else ``default_root_dir``."""
+    """The directory of this run: the first logger's log_dir, else ``default_root_dir``.
+
+    ``trainer.log_dir`` is a collective under distributed strategies: call this on every rank
+    (e.g. in ``setup``), never inside a rank-zero-only function.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -112,11 +116,11 @@ class SaveAdapter(L.Callback):
     def __init__(self, dirname: str = "adapter"):
         self.dirname = dirname
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or not hasattr(pl_module, "save_adapter"):
             return
-        path = pl_module.save_adapter(run_dir(trainer) / self.dirname)
+        # Every rank takes part (sharded tensors are gathered); rank zero writes.
+        path = pl_module.save_adapter(run_dir(trainer) / self.dirname, write=trainer.is_global_zero)
         rank_zero_info(f"adapter saved to {path}")
 
 
@@ -171,12 +175,14 @@ class RunSummary(L.Callback):
     """Write ``summary.json`` to the run directory when fit ends: method, objective, arguments,
     final metrics, parameter counts, median tokens/s and peak memory, so runs compare in one table."""
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            self._write(run_dir(trainer), trainer, pl_module)
+
+    @rank_zero_only
+    def _write(self, directory: Path, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import json
 
-        if trainer.fast_dev_run:
-            return
         perf = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
         hp = dict(pl_module.hparams)
@@ -191,7 +197,7 @@ class RunSummary(L.Callback):
             "perf/step_s": median(perf.step_times) if perf else None,
             "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
         }
-        path = run_dir(trainer) / "summary.json"
+        path = directory / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, default=str))
         rank_zero_info(f"run summary written to {path}")
@@ -208,11 +214,14 @@ class WritePredictions(L.Callback):
             outputs = outputs.tolist()
         self.rows.extend(outputs if isinstance(outputs, list) else [outputs])
 
-    @rank_zero_only
     def on_predict_end(self, trainer, pl_module) -> None:
+        self._write(run_dir(trainer))
+
+    @rank_zero_only
+    def _write(self, directory: Path) -> None:
         import json
 
-        path = run_dir(trainer) / "predictions.jsonl"
+        path = directory / "predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.rows))
         rank_zero_info(f"{len(self.rows)} predictions written to {path}")

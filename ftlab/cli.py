@@ -12,6 +12,7 @@ Links: the data's tokenizer comes from ``model.init_args.backbone.name_or_path``
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -22,17 +23,23 @@ import ftlab.data  # noqa: F401 - registers DataModules for short class names
 import ftlab.objectives  # noqa: F401
 import ftlab.optim  # noqa: F401
 import ftlab.peft  # noqa: F401
-from ftlab.callbacks import ParameterTable, SaveAdapter, Throughput
+from ftlab.callbacks import (
+    ParameterTable, RunSummary, SaveAdapter, StopOnNonFinite, Throughput, WritePredictions,
+)
 from ftlab.objectives._base import Objective
 
-DEFAULT_CALLBACKS = (ParameterTable, Throughput, SaveAdapter)
+DEFAULT_CALLBACKS = (ParameterTable, Throughput, StopOnNonFinite, SaveAdapter, RunSummary, WritePredictions)
 #: Subcommands beside Lightning's fit/validate/test/predict: name -> "module:function(argv)".
 EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS["data"] = "ftlab.data.tools:main"
+EXTRA_COMMANDS["export"] = "ftlab.export:main"
 
 
 class FtlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.backbone.name_or_path", "data.init_args.tokenizer")
+        # jsonargparse holds the Backbone dataclass as {class_path, init_args}: a link from
+        # "model.init_args.backbone.name_or_path" was accepted and silently did nothing.
+        parser.link_arguments("model.init_args.backbone.init_args.name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
 
     def instantiate_trainer(self, **kwargs):
@@ -45,6 +52,7 @@ class FtlabCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    _log_to_stderr()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         module, _, func = EXTRA_COMMANDS[argv[0]].partition(":")
@@ -54,6 +62,16 @@ def main(args: list[str] | None = None) -> None:
         Objective, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, args=argv,
     ))
+
+
+def _log_to_stderr() -> None:
+    """ftlab's own INFO messages (truncation counts, quantization sizes...) go to stderr."""
+    log = logging.getLogger("ftlab")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("ftlab: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _friendly(run) -> None:

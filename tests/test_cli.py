@@ -16,11 +16,35 @@ def _sst2_like(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
+def _sts_like(tmp_path: Path) -> str:
+    """A tiny STS-B folder in the real layout: tab-separated, no header, a row with licence columns."""
+    rows = [f"main-captions\tMSRvid\t2012\t{i:04d}\t{i % 6}.000\tA man plays {w}.\tA man is playing {w}."
+            for i, w in enumerate(["a flute", "the drums", "a guitar", "cards", "chess", "music"] * 3)]
+    rows[0] += "\tlicence a\tlicence b"
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path)
+
+
+def _hh_like(tmp_path: Path) -> str:
+    import json
+
+    rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: a kind and helpful answer number {i}",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: a rude and useless answer number {i}"} for i in range(24)]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
 def _overrides(config: Path, tmp_path: Path) -> list[str]:
     text = config.read_text()
     extra = []
     if "sst2_glue" in text:
         extra += ["--data.init_args.source", _sst2_like(tmp_path)]
+    if "stsbenchmark" in text:
+        extra += ["--data.init_args.source", _sts_like(tmp_path)]
+    if "hh_rlhf" in text:
+        extra += ["--data.init_args.source", _hh_like(tmp_path)]
     if "synthetic_size" in text or "TextData" in text:
         extra += ["--data.init_args.synthetic_size", "64"]
     if "InstructionData" in text:
@@ -40,7 +64,16 @@ def test_links_fill_tokenizer_and_max_length(capsys):
         main(["fit", "--config", str(CONFIGS[0].parent / "lora.yaml"), "--print_config"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    assert "tokenizer: tiny-llama" in printed and "max_length: 96" in printed
+    assert "max_length: 96" in printed  # linked targets (data tokenizer, model max_length) are not printed
+    # The links must act, not just parse: lora_sst2 uses minilm, whose tokenizer the data must take
+    # (a link from "model.init_args.backbone.name_or_path" once left the byte tokenizer in place).
+    from ftlab.cli import FtlabCLI
+    from ftlab.objectives._base import Objective
+
+    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                   args=["--config", str(CONFIGS[0].parent / "lora_sst2.yaml"), "--trainer.logger=false"])
+    assert cli.datamodule.tokenizer_name == "minilm"
+    assert cli.model.max_length == cli.datamodule.max_length == 64
 
 
 def _error(args, capsys) -> str:

@@ -78,26 +78,29 @@ class TokenizedData(L.LightningDataModule):
             val = [train[i] for i in order[:n_val]]
             train = [train[i] for i in order[n_val:]]
         splits = {"train": train, "validation": val or []}
-        test = None if self.source == "synthetic" else self.raw_rows("test")
-        if test:
-            splits["test"] = test
         if self.max_samples:
             splits = {k: v[: self.max_samples] for k, v in splits.items()}
         return splits
 
     # ------------------------------------------------------------------ lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        for split, rows in self._splits().items():
-            items = [self.encode(row) for row in rows]
-            truncated = sum(bool(it.pop("truncated", False)) for it in items)
-            if truncated:
-                log.warning(
-                    "%s: %d of %d %s samples truncated to max_length=%d",
-                    type(self).__name__, truncated, len(items), split, self.max_length,
-                )
-            self.splits[split] = items
+        if not self.splits:
+            for split, rows in self._splits().items():
+                self.splits[split] = self._encode_all(rows, split)
+        # The test split is read only to test: a folder's test file may hold no labels (GLUE).
+        if stage == "test" and "test" not in self.splits and self.source != "synthetic":
+            rows = self.raw_rows("test") or []
+            self.splits["test"] = self._encode_all(rows[: self.max_samples] if self.max_samples else rows, "test")
+
+    def _encode_all(self, rows: list[Record], split: str) -> list[dict[str, Any]]:
+        items = [self.encode(row) for row in rows]
+        truncated = sum(bool(it.pop("truncated", False)) for it in items)
+        if truncated:
+            log.warning(
+                "%s: %d of %d %s samples truncated to max_length=%d",
+                type(self).__name__, truncated, len(items), split, self.max_length,
+            )
+        return items
 
     def encode(self, row: Record) -> dict[str, Any]:
         raise NotImplementedError

@@ -122,9 +122,14 @@ class Backbone:
                 self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
                 **common, **self.load_kwargs,
             )
+        model.train()  # from_pretrained returns eval mode: dropout would stay off in training
         if self.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and with DDP.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         return model
 

@@ -71,6 +71,10 @@ class Objective(L.LightningModule):
             self.method.apply(trunk)
         for name in self.heads:
             getattr(self, name).requires_grad_(True)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 per transformer block
+            from ftlab.distributed import shard
+
+            shard(self, self.model, self.device_mesh)
 
     def load_adapter(self, path: str) -> tuple[Method, dict[str, torch.Tensor]]:
         if (Path(path) / io.PEFT_CONFIG).exists():
@@ -101,12 +105,15 @@ class Objective(L.LightningModule):
             if part:
                 getattr(self, h).load_state_dict(part)
 
-    def save_adapter(self, path: str | Path) -> Path:
-        """Adapter-only file: the method's tensors, the heads, and the base fingerprint."""
+    def save_adapter(self, path: str | Path, write: bool = True) -> Path:
+        """Adapter-only file: the method's tensors, the heads, and the base fingerprint.
+
+        Under FSDP every rank must call this (shards are gathered); only ``write=True`` writes.
+        """
         return io.save_adapter(
             path, self.model, self.method, self.backbone.fingerprint(self.model),
             extra_tensors=self.head_state_dict(),
-            extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}"},
+            extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}"}, write=write,
         )
 
     # ------------------------------------------------------------------ checkpoints

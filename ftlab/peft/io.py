@@ -60,15 +60,26 @@ def _atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    """Plain, contiguous CPU tensors; FSDP2 shards (DTensor) are gathered, a collective."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.contiguous().cpu()
+    return out
 
 
 # ------------------------------------------------------------------------------- ftlab format
 def save_adapter(
     path: str | os.PathLike, model: nn.Module, method: Method, base: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None,
+    write: bool = True,
 ) -> Path:
-    """Write the method's tensors (plus ``extra_tensors``, e.g. a head) and its config to ``path``."""
+    """Write the method's tensors (plus ``extra_tensors``, e.g. a head) and its config to ``path``.
+
+    ``write=False`` only gathers the tensors: what the non-zero ranks do under FSDP.
+    """
     state = dict(method.state_dict(model))
     for key, value in (extra_tensors or {}).items():
         state[f"extra.{key}"] = value
@@ -79,8 +90,11 @@ def save_adapter(
         "base": base,
         "extra": extra or {},
     }
+    state = _contiguous(state)
+    if not write:
+        return Path(path)
     with _atomic_dir(path) as tmp:
-        save_file(_contiguous(state), tmp / WEIGHTS)
+        save_file(state, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
     return Path(path)
 

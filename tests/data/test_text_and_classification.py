@@ -58,3 +58,14 @@ def test_bad_sizes():
         TextData(max_length=0)
     with pytest.raises(ValueError, match="batch_size"):
         ClassificationData(batch_size=0)
+
+
+def test_unlabelled_test_file_is_read_only_for_testing(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tunknown\n")  # GLUE: no labels
+    dm = ClassificationData(source=str(tmp_path))
+    dm.setup("fit")
+    assert set(dm.splits) == {"train", "validation"}
+    with pytest.raises(DataError, match=r"test.tsv:2: missing field 'label'"):
+        dm.setup("test")
