@@ -120,9 +120,10 @@ class Objective(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep trainable tensors only: the frozen base is rebuilt from the backbone on load.
 
-        A randomly initialised base is saved whole, since nothing else could rebuild it.
+        A randomly initialised base is saved whole, since nothing else could rebuild it. So is a
+        model sharded with FSDP2: Lightning's distributed checkpoint loader needs every key.
         """
-        if not self.backbone.pretrained:
+        if not self.backbone.pretrained or self.device_mesh is not None:
             return
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
