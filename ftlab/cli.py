@@ -27,23 +27,34 @@ from ftlab.callbacks import (
     ParameterTable, RunSummary, SaveAdapter, StopOnNonFinite, Throughput, WritePredictions,
 )
 from ftlab.objectives._base import Objective
+from ftlab.runs import LogConfig, check_strategy, name_wandb_runs
 
 DEFAULT_CALLBACKS = (ParameterTable, Throughput, StopOnNonFinite, SaveAdapter, RunSummary, WritePredictions)
 #: Subcommands beside Lightning's fit/validate/test/predict: name -> "module:function(argv)".
 EXTRA_COMMANDS: dict[str, str] = {}
 EXTRA_COMMANDS["data"] = "ftlab.data.tools:main"
 EXTRA_COMMANDS["export"] = "ftlab.export:main"
+EXTRA_COMMANDS["sweep"] = "ftlab.sweep:main"
 
 
 class FtlabCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_callback", LogConfig)  # config.yaml + the config in every logger
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # jsonargparse holds the Backbone dataclass as {class_path, init_args}: a link from
         # "model.init_args.backbone.name_or_path" was accepted and silently did nothing.
         parser.link_arguments("model.init_args.backbone.init_args.name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_strategy(config.get("trainer"))  # before any model or data is loaded
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        name_wandb_runs(trainer.loggers, self.model, self.datamodule)
         present = {type(c) for c in trainer.callbacks}
         for cls in DEFAULT_CALLBACKS:
             if cls not in present:
@@ -60,7 +71,7 @@ def main(args: list[str] | None = None) -> None:
         return _friendly(lambda: command(argv[1:]))
     return _friendly(lambda: FtlabCLI(
         Objective, subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True}, args=argv,
+        save_config_kwargs={"overwrite": True}, args=args,
     ))
 
 
@@ -79,16 +90,26 @@ def _friendly(run) -> None:
     try:
         run()
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get("FTLAB_DEBUG") or not _raised_by_ftlab(err):
+        cause = _ftlab_cause(err)
+        if os.environ.get("FTLAB_DEBUG") or cause is None:
             raise
-        print(f"ftlab: error: {err}", file=sys.stderr)
+        print(f"ftlab: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-def _raised_by_ftlab(err: BaseException) -> bool:
-    """True when the innermost frame that raised is ftlab's own code: a user mistake it checked."""
-    frames = traceback.extract_tb(err.__traceback__)
-    return bool(frames) and "/ftlab/" in frames[-1].filename.replace("\\", "/")
+def _ftlab_cause(err: BaseException) -> BaseException | None:
+    """The innermost error in ``err``'s chain raised by ftlab's own checks (jsonargparse wraps
+    errors from ``__init__`` in its own), or None for errors from anywhere else."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and "/ftlab/" in frames[-1].filename.replace("\\", "/") and isinstance(
+            err, (ValueError, KeyError, FileNotFoundError, RuntimeError)
+        ):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
 
 
 if __name__ == "__main__":
