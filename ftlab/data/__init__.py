@@ -3,6 +3,11 @@
 from ftlab.data._io import DataError
 from ftlab.data.classification import ClassificationData
 from ftlab.data.instruction import InstructionData
+from ftlab.data.pairs import PairData
+from ftlab.data.preference import PreferenceData
 from ftlab.data.text import TextData
+from ftlab.data.prompts import PromptData
 
 __all__ = ["DataError", "ClassificationData", "InstructionData", "TextData"]
+__all__ += ["PairData", "PreferenceData"]
+__all__ += ["PromptData"]

@@ -1,0 +1,215 @@
+"""Contrastive fine-tuning of embedding models (Sentence-BERT style bi-encoders).
+
+``e = normalize(pool(trunk(x)))``; the similarity of two texts is ``cos(e1, e2)``. Losses:
+
+- ``infonce``: multiple-negatives ranking with in-batch (and hard) negatives, temperature τ fixed
+  or learned (``τ = exp(-s)`` with ``s`` trained, as CLIP's logit scale).
+- ``cosent`` / ``cosine``: graded pairs (STS 0-5): CoSENT ranking, or cosine regression on scores
+  scaled to [0, 1].
+
+Metrics: ``val/spearman`` (Spearman's ρ between the cosine and the gold score, in [-1, 1]; STS
+papers print it ×100) for graded pairs; ``val/recall@k`` for retrieval pairs: each anchor ranks every positive
+(and hard negative) of the whole split, and a hit is its own positive in the top k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.regression import SpearmanCorrCoef
+
+from ftlab.losses.contrastive import cosent_loss, cosine_matrix, cosine_regression_loss, info_nce
+from ftlab.models.backbone import Backbone
+from ftlab.models.pooling import Pooling, default_pooling, pool
+from ftlab.objectives._base import Objective
+from ftlab.peft._method import Method
+
+Loss = Literal["auto", "infonce", "cosent", "cosine"]
+
+
+class Temperature(nn.Module):
+    """A learnable softmax temperature, stored as the log of its inverse (CLIP's logit scale)."""
+
+    def __init__(self, init: float, min_temperature: float = 0.01):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init)))
+        self.max_log_scale = math.log(1.0 / min_temperature)
+
+    def forward(self) -> torch.Tensor:
+        return torch.exp(-self.log_scale.clamp(max=self.max_log_scale))  # 0-dim τ
+
+
+def recall_at_k(
+    queries: torch.Tensor, candidates: torch.Tensor, target_ids: torch.Tensor, candidate_ids: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Share of (Q, H) queries whose target text is among their top-k (C, H) candidates by cosine.
+
+    ``target_ids`` (Q,) and ``candidate_ids`` (C,) identify texts: any copy of the target counts.
+    """
+    top = cosine_matrix(queries, candidates).topk(min(k, candidates.size(0)), dim=1).indices  # (Q, k)
+    return (candidate_ids[top] == target_ids[:, None]).any(dim=1).float().mean()
+
+
+class Contrastive(Objective):
+    """Embedding model trained on pairs, triplets or graded pairs, with any method.
+
+    Args:
+        backbone: What to load; its trunk (no LM head) is the embedding model.
+        method: How to adapt the trunk. Default: Full.
+        optimizer: Optimizer class and arguments (trainable parameters only).
+        scheduler: Learning-rate scheduler, e.g. ``ftlab.optim.WarmupLinear``.
+        adapter: Start from a saved adapter (and learned temperature).
+        max_length: Sequence length (linked from the data).
+        loss: ``infonce``, ``cosent``, ``cosine``, or ``auto`` (``cosent`` for batches with
+            scores, ``infonce`` otherwise).
+        pooling: ``auto`` (last token for decoders, mean for encoders), ``mean``, ``cls``, ``last``.
+        normalize: L2-normalise the embeddings that ``forward`` returns (cosines are unaffected).
+        temperature: InfoNCE's τ (initial value when learned).
+        learn_temperature: Train τ (it is then saved with the adapter).
+        symmetric: InfoNCE in both directions (anchor→positive and positive→anchor).
+        cosent_scale: CoSENT's λ.
+        recall_k: The k of ``val/recall@k`` for retrieval pairs.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | None = None,
+        method: Method | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        adapter: str | None = None,
+        max_length: int | None = None,
+        loss: Loss = "auto",
+        pooling: Pooling = "auto",
+        normalize: bool = True,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        symmetric: bool = False,
+        cosent_scale: float = 20.0,
+        recall_k: list[int] | None = None,
+    ):
+        super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
+        if loss not in ("auto", "infonce", "cosent", "cosine"):
+            raise ValueError(f"unknown loss {loss!r}; use auto, infonce, cosent or cosine")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.loss_name, self.pooling, self.normalize = loss, pooling, normalize
+        self.symmetric, self.cosent_scale = symmetric, cosent_scale
+        self.recall_k = list(recall_k or [1, 5])
+        self.fixed_temperature = temperature
+        self.temperature = Temperature(temperature) if learn_temperature else None
+        self.heads = ("temperature",) if learn_temperature else ()
+        self._retrieval: dict[str, list[torch.Tensor]] = {}
+
+    def build(self):
+        trunk = self.backbone.load("encoder")
+        if self.pooling == "auto":
+            self.pooling = default_pooling(trunk)
+        self.metrics = nn.ModuleDict({"val": SpearmanCorrCoef(), "test": SpearmanCorrCoef()})
+        return trunk
+
+    # ------------------------------------------------------------------ embeddings
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) token ids and mask -> (N, H) embeddings."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        emb = pool(hidden, attention_mask, self.pooling)  # (N, H)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def _embed(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """One forward for every text of the batch, split back into roles: [(B, H), (B, H)(, (B, H))]."""
+        emb = self(batch["input_ids"], batch["attention_mask"])  # (R·B, H)
+        return list(emb.chunk(len(batch["roles"])))
+
+    def tau(self) -> float | torch.Tensor:
+        return self.temperature() if self.temperature is not None else self.fixed_temperature
+
+    def compute_loss(self, batch: dict[str, Any], embs: list[torch.Tensor]) -> torch.Tensor:
+        name = self.loss_name
+        if name == "auto":
+            name = "cosent" if "score" in batch else "infonce"
+        if name == "infonce":
+            ids = batch["text_ids"].chunk(len(embs))
+            neg = embs[2] if len(embs) > 2 else None
+            return info_nce(embs[0], embs[1], neg, self.tau(), self.symmetric, ids[0], ids[1],
+                            ids[2] if len(ids) > 2 else None)
+        if "score" not in batch:
+            raise ValueError(f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce")
+        cos = F.cosine_similarity(embs[0].float(), embs[1].float(), dim=-1)  # (B,)
+        if name == "cosent":
+            return cosent_loss(cos, batch["score"], self.cosent_scale)
+        return cosine_regression_loss(cos, batch["score"])
+
+    # ------------------------------------------------------------------ steps
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].size(0)) // len(batch["roles"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self._embed(batch))
+        n = self.batch_size_of(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if self.temperature is not None:
+            self.log("train/temperature", self.tau(), batch_size=n)
+        return loss
+
+    def _eval(self, batch: dict[str, Any], stage: str) -> None:
+        embs = self._embed(batch)
+        n = self.batch_size_of(batch)
+        self.log(f"{stage}/loss", self.compute_loss(batch, embs), batch_size=n, sync_dist=True)
+        if "score" in batch:
+            cos = F.cosine_similarity(embs[0].float(), embs[1].float(), dim=-1)  # (B,)
+            metric = self.metrics[stage]
+            metric.update(cos, batch["score"].float())
+            self.log(f"{stage}/spearman", metric, prog_bar=True, batch_size=n)  # computed at epoch end
+        else:
+            keep = self._retrieval.setdefault(stage, [])
+            keep.append(torch.cat([e.detach().float() for e in embs]).cpu())
+            keep.append(batch["text_ids"].cpu())
+            keep.append(torch.tensor(len(embs)))
+
+    def _log_recall(self, stage: str) -> None:
+        """Recall@k over the whole split (not per batch): each anchor against every candidate."""
+        parts = self._retrieval.pop(stage, [])
+        if not parts:
+            return
+        anchors, cands, c_ids, pos_ids = [], [], [], []
+        for emb, ids, roles in zip(parts[0::3], parts[1::3], parts[2::3]):
+            embs, idss = emb.chunk(int(roles)), ids.chunk(int(roles))
+            anchors.append(embs[0])
+            pos_ids.append(idss[1])
+            cands += embs[1:]
+            c_ids += idss[1:]
+        queries, candidates = torch.cat(anchors), torch.cat(cands)
+        target, cand_ids = torch.cat(pos_ids), torch.cat(c_ids)
+        # Each text once: a positive shared by several anchors must not crowd the top k with copies.
+        cand_ids, first = _unique_first(cand_ids)
+        candidates = candidates[first]
+        for k in self.recall_k:
+            self.log(f"{stage}/recall@{k}", recall_at_k(queries, candidates, target, cand_ids, k), prog_bar=k == 1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_recall("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_recall("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"])
+
+
+def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of (N,) ``ids`` and the index of the first occurrence of each."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amin")
+    return uniq, first

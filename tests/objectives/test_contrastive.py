@@ -1,0 +1,127 @@
+import lightning as L
+import pytest
+import torch
+from transformers import BertConfig
+
+from ftlab.data import PairData
+from ftlab.models.backbone import Backbone
+from ftlab.objectives import Contrastive
+from ftlab.objectives.contrastive import recall_at_k
+from ftlab.peft import Full, LoRA
+
+
+def _trainer(tmp_path, steps):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0,
+                     default_root_dir=tmp_path)
+
+
+def _validate(model, dm, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    return trainer.validate(model, dm, verbose=False)[0]
+
+
+def _tiny_bert_backbone(tmp_path) -> Backbone:
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               vocab_size=300).save_pretrained(tmp_path / "tiny-bert")
+    return Backbone(str(tmp_path / "tiny-bert"), pretrained=False)
+
+
+@pytest.mark.parametrize("backbone,pooling", [("tiny-llama", "last"), ("tiny-llama", "mean"),
+                                              ("bert", "mean"), ("bert", "cls")])
+def test_pooling_ignores_padding(backbone, pooling, tmp_path):
+    torch.manual_seed(0)
+    bb = _tiny_bert_backbone(tmp_path) if backbone == "bert" else Backbone(pretrained=False)
+    model = Contrastive(bb, pooling=pooling)
+    model.configure_model()
+    model.eval()
+    short, long = torch.randint(3, 250, (1, 5)), torch.randint(3, 250, (1, 9))
+    batch = torch.full((2, 9), 0)
+    batch[0, :5], batch[1] = short, long
+    mask = torch.tensor([[1] * 5 + [0] * 4, [1] * 9])
+    with torch.no_grad():
+        alone = model(short, torch.ones_like(short))
+        padded = model(batch, mask)
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert padded.norm(dim=-1).sub(1).abs().max() < 1e-5  # L2-normalised
+
+
+def test_auto_pooling_is_last_for_decoders_and_mean_for_encoders(tmp_path):
+    decoder, encoder = Contrastive(Backbone(pretrained=False)), Contrastive(_tiny_bert_backbone(tmp_path))
+    decoder.configure_model(), encoder.configure_model()
+    assert decoder.pooling == "last" and encoder.pooling == "mean"
+
+
+def _lora():
+    return LoRA(rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def test_lora_infonce_learns_retrieval_and_saves_the_temperature(tmp_path):
+    # ftlab's pretrained tiny-llama: a random one first collapses every embedding onto one direction
+    dm = PairData(synthetic_task="triplets", synthetic_size=320, batch_size=16, max_length=48)
+    L.seed_everything(0)
+    before = _validate(Contrastive(Backbone(), _lora(), pooling="mean", recall_k=[1, 3]), dm, tmp_path)
+    L.seed_everything(0)
+    model = Contrastive(Backbone(), _lora(), pooling="mean", learn_temperature=True, symmetric=True, recall_k=[1, 3],
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    _trainer(tmp_path, 20).fit(model, dm)
+    after = _validate(model, dm, tmp_path)
+    assert after["val/loss"] < before["val/loss"] - 0.5, (before, after)
+    assert after["val/recall@1"] > before["val/recall@1"] + 0.1, (before, after)
+    assert 0 <= after["val/recall@1"] <= after["val/recall@3"] <= 1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "temperature.log_scale" in trainable and all("lora_" in n or n.startswith("temperature") for n in trainable)
+    assert model.tau().item() != pytest.approx(0.05)  # it moved
+    path = model.save_adapter(tmp_path / "adapter")
+    loaded = Contrastive(Backbone(), adapter=str(path), pooling="mean", learn_temperature=True)
+    loaded.configure_model()
+    assert loaded.tau().item() == pytest.approx(model.tau().item())
+    model.eval(), loaded.eval()
+    x = torch.randint(3, 250, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(x, torch.ones_like(x)), loaded(x, torch.ones_like(x)), atol=1e-5)
+
+
+def test_full_cosent_raises_spearman_on_graded_pairs(tmp_path):
+    dm = PairData(synthetic_task="scored", synthetic_size=320, batch_size=32, max_length=48)
+    L.seed_everything(0)
+    before = _validate(Contrastive(Backbone(), Full(), pooling="mean"), dm, tmp_path)
+    L.seed_everything(0)
+    model = Contrastive(Backbone(), Full(), pooling="mean", optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    _trainer(tmp_path, 20).fit(model, dm)
+    after = _validate(model, dm, tmp_path)
+    assert -1 <= before["val/spearman"] <= 1 and after["val/spearman"] > before["val/spearman"] + 0.08, (before, after)
+    assert "val/recall@1" not in after
+
+
+def test_graded_losses_need_scores():
+    model = Contrastive(Backbone(pretrained=False), loss="cosent")
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "roles": ["anchor", "positive"],
+             "text_ids": torch.arange(4)}
+    with pytest.raises(ValueError, match="needs graded pairs"):
+        model.compute_loss(batch, [torch.randn(2, 8), torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="unknown loss"):
+        Contrastive(loss="triplet")
+
+
+def test_recall_at_k_by_hand_counts_any_copy_of_the_target():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    c = torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.0]])
+    ids = torch.tensor([10, 11, 12])
+    assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 1).item() == pytest.approx(1 / 3)
+    assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 2).item() == pytest.approx(2 / 3)
+    assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 10).item() == 1.0
+
+
+def test_cli_links_the_minilm_tokenizer_into_the_contrastive_config(monkeypatch):
+    from pathlib import Path
+
+    from ftlab.cli import FtlabCLI
+    from ftlab.objectives._base import Objective
+
+    monkeypatch.chdir(Path(__file__).parents[2])
+    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                   args=["--config", "configs/contrastive.yaml", "--trainer.logger=false"])
+    assert cli.datamodule.tokenizer_name == "minilm" and cli.model.max_length == cli.datamodule.max_length == 64
+    assert isinstance(cli.model, Contrastive) and cli.model.loss_name == "cosent"

@@ -1,0 +1,176 @@
+"""PPO end to end on a tiny model, the reference policy, reward sources and bad inputs."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from ftlab.data import PreferenceData, PromptData
+from ftlab.models.backbone import Backbone
+from ftlab.objectives import PPO, RewardModel
+from ftlab.peft import Full, LoRA
+from ftlab.peft import io
+
+LORA = dict(rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def _fit(model, dm, tmp_path, iterations: int):
+    steps = iterations * model.ppo_epochs * -(-(model.num_rollouts or dm.batch_size) // (model.mini_batch_size or 10**9))
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+              default_root_dir=tmp_path).fit(model, dm)
+
+
+def _ppo(backbone=None, **kw):
+    args = dict(reward_fn="ftlab.rewards.has_char", num_rollouts=32, chunk_size=32, mini_batch_size=16, ppo_epochs=4,
+                max_new_tokens=16, init_kl_coef=0.2, target=4.0, horizon=500,
+                optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    return PPO(backbone or Backbone(), LoRA(**LORA), **{**args, **kw})
+
+
+def test_reward_rises_while_kl_stays_bounded_and_the_reference_is_the_frozen_base(tmp_path):
+    # Reward: the response holds a digit. The pretrained tiny-llama does so about half the time (when
+    # the sentence after its answer is an arithmetic one); PPO makes it the rule.
+    L.seed_everything(0)
+    model = _ppo()
+    dm = PromptData(batch_size=32, synthetic_size=512, max_length=48)
+    dm.setup()
+    probe = next(iter(dm.val_dataloader()))
+    model.configure_model()
+    torch.manual_seed(1)
+    ro = model.rollout(probe["input_ids"][:8], probe["attention_mask"][:8], probe["prompts"][:8])
+    assert torch.allclose(ro["logprobs"], ro["ref_logprobs"], atol=1e-5)  # LoRA starts at zero: policy == base
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    _fit(model, dm, tmp_path, iterations=14)
+    h = model.history
+    first = sum(s["reward"] for s in h[:4]) / 4
+    last = sum(s["reward"] for s in h[-4:]) / 4
+    assert len(h) == 14 and last > first + 0.25, [round(s["reward"], 3) for s in h]
+    assert max(s["kl"] for s in h) < 15.0, [round(s["kl"], 2) for s in h]
+    assert {"reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "explained_variance"} <= set(h[0])
+    assert h[-1]["kl_coef"] != h[0]["kl_coef"]  # the adaptive controller moved
+    for n, p in model.named_parameters():  # only the adapter and the value head trained
+        assert (not torch.equal(params[n], p.detach())) == ("lora_" in n or n.startswith("value_head.")), n
+
+    # The reference log-probs of the same tokens are those of a fresh base, before and after training.
+    _, _, ref_now = _stats(model, ro)
+    L.seed_everything(0)
+    fresh = _ppo()
+    fresh.configure_model()
+    fresh.eval()
+    _, base, _ = _stats(fresh, ro)
+    assert torch.allclose(ref_now, ro["ref_logprobs"], atol=1e-5)
+    assert torch.allclose(ref_now, base, atol=1e-5)
+    policy_now, _, _ = _stats(model, ro)
+    assert not torch.allclose(policy_now, ro["logprobs"], atol=1e-2)
+
+
+def _stats(model, ro):
+    """(policy, frozen-base, reference-through-the-switch) log-probs of a rollout's tokens."""
+    from ftlab.peft.disable import base_model
+
+    model.eval()
+    with torch.no_grad():
+        policy, _, _ = model._response_stats(ro["seq"], ro["mask"], ro["responses"], ro["prompt_len"])
+        with base_model(model.model):
+            ref, _, _ = model._response_stats(ro["seq"], ro["mask"], ro["responses"], ro["prompt_len"])
+    m = ro["response_mask"].bool()
+    return policy * m, policy * m, ref * m
+
+
+def test_seeded_runs_are_identical(tmp_path):
+    runs = []
+    for _ in range(2):
+        L.seed_everything(0)
+        model = _ppo(num_rollouts=8, chunk_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8)
+        _fit(model, PromptData(batch_size=8, synthetic_size=64, max_length=48), tmp_path, iterations=2)
+        runs.append(model.history)
+    assert runs[0] == runs[1]
+
+
+def test_rollout_log_probs_match_generation_with_left_padding():
+    # GPT-2 has absolute positions: left-padded prompts must be numbered as generate() numbers them.
+    L.seed_everything(0)
+    model = PPO(Backbone("tiny-gpt2", pretrained=False), LoRA(rank=2, targets=["c_attn"]),
+                reward_fn="ftlab.rewards.char_fraction", num_rollouts=4, max_new_tokens=6)
+    model.configure_model()
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    batch = tok(["a", "a much longer prompt", "hi", "xyz"], return_tensors="pt", padding=True)
+    torch.manual_seed(3)
+    ro = model.rollout(batch["input_ids"], batch["attention_mask"], ["a"] * 4)
+    torch.manual_seed(3)
+    model.eval()  # as in the rollout: GPT-2's dropout would change the sampled tokens
+    out = model.model.generate(**batch, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               output_logits=True, return_dict_in_generate=True, **model.generation_kwargs)
+    assert torch.equal(out.sequences[:, batch["input_ids"].size(1):], ro["responses"])
+    generated = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro["responses"].unsqueeze(-1)).squeeze(-1)
+    m = ro["response_mask"].bool()
+    assert torch.allclose(generated[m], ro["logprobs"][m], atol=1e-4)
+
+
+def test_reward_model_checkpoint_scores_as_its_training_data_encodes(tmp_path):
+    torch.manual_seed(0)
+    rm = RewardModel(Backbone(), LoRA(rank=2))
+    rm.configure_model()
+    torch.nn.init.normal_(rm.head[1].weight)
+    path = rm.save_adapter(tmp_path / "rm")
+    model = PPO(Backbone(), LoRA(rank=2), reward_model=str(path), chunk_size=2)
+    model.configure_model()
+    assert model._reward_model is not None and "_reward_model" not in dict(model.named_modules())
+    prompts, responses = ["Twice fen is", "hira in capitals is", "42 + 17 ="], [" fen fen.", "HIRA.", " 59"]
+    scores = model.score(prompts, responses)
+    data = PreferenceData(max_length=64)
+    rm.eval()
+    with torch.no_grad():
+        for p, r, s in zip(prompts, responses, scores):
+            ids = torch.tensor([data._ids(p, r.strip())[0]])  # PreferenceData strips responses when it reads rows
+            assert s.item() == pytest.approx(rm(ids, torch.ones_like(ids)).item(), abs=1e-5)
+
+
+# ------------------------------------------------------------------ bad input
+def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
+    folder = tmp_path / "minilm_rm"
+    folder.mkdir()
+    (folder / io.CONFIG).write_text(json.dumps({
+        "format": "ftlab-adapter", "method": "ftlab.peft.lora.LoRA", "init_args": {},
+        "base": {"name_or_path": "minilm"}, "extra": {"objective": "ftlab.objectives.reward_model.RewardModel"},
+    }))
+    model = PPO(Backbone(pretrained=False), LoRA(rank=2), reward_model=str(folder))
+    with pytest.raises(ValueError, match="reward model's tokenizer .*minilm.* differs from the policy's .*tiny-llama"):
+        model.configure_model()
+    (folder / io.CONFIG).write_text(json.dumps({"format": "ftlab-adapter", "base": {"name_or_path": "tiny-llama"},
+                                                "extra": {"objective": "ftlab.objectives.causal_lm.CausalLM"}}))
+    with pytest.raises(ValueError, match="not a RewardModel"):
+        PPO(Backbone(pretrained=False), LoRA(rank=2), reward_model=str(folder)).configure_model()
+
+
+def test_prompts_longer_than_the_context_leaves_room_for():
+    small = Backbone(pretrained=False, config_overrides={"max_position_embeddings": 64})
+    with pytest.raises(ValueError, match="max_length=48 tokens plus max_new_tokens=32 exceed tiny-llama's 64 positions"):
+        PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_length=48, max_new_tokens=32).configure_model()
+    model = PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_new_tokens=32)
+    model.configure_model()
+    ids = torch.full((1, 40), 97)
+    with pytest.raises(ValueError, match="prompts of 40 tokens plus max_new_tokens=32 exceed"):
+        model.rollout(ids, torch.ones_like(ids), ["a" * 40])
+
+
+def test_other_mistakes_are_clear_errors():
+    with pytest.raises(ValueError, match="exactly one reward"):
+        PPO(reward_fn="ftlab.rewards.has_char", reward_model="somewhere")
+    with pytest.raises(ValueError, match="exactly one reward"):
+        PPO()
+    with pytest.raises(ValueError, match="cannot be imported"):
+        PPO(reward_fn="ftlab.rewards.no_such_reward")
+    with pytest.raises(ValueError, match="Full cannot do"):
+        PPO(Backbone(pretrained=False), Full(), reward_fn="ftlab.rewards.has_char").configure_model()
+    model = PPO(Backbone(pretrained=False), LoRA(rank=2), reward_fn="tests.objectives.test_ppo.one_score")
+    with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
+        model.score(["a", "b"], ["c", "d"])
+
+
+def one_score(prompts, responses):
+    return [1.0]
