@@ -72,6 +72,9 @@ def main(args: list[str] | None = None) -> None:
     return _friendly(lambda: FtlabCLI(
         Objective, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, args=args,
+        parser_kwargs={"description": "ftlab: method x objective x data, from one YAML. Lightning's fit, "
+                       "validate, test, predict below; also `ftlab export`, `ftlab data` and `ftlab sweep` "
+                       "(each with --help)."},
     ))
 
 
