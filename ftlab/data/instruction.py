@@ -14,8 +14,7 @@ from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import DataError, Record, require
 from ftlab.data.templates import TEMPLATES, render
-
-IGNORE = -100
+from ftlab.losses.lm import IGNORE
 
 
 class InstructionData(TokenizedData):

@@ -1,7 +1,7 @@
 """Loss functions as pure functions, shapes in their docstrings."""
 
 from ftlab.losses.contrastive import cosent_loss, cosine_matrix, cosine_regression_loss, info_nce
-from ftlab.losses.lm import masked_lm_loss, sequence_logprobs
+from ftlab.losses.lm import masked_lm_loss
 from ftlab.losses.preference import bradley_terry_loss, pairwise_accuracy
 from ftlab.losses.dpo import dpo_logits, dpo_loss, implicit_rewards
 from ftlab.losses.ppo import (
@@ -9,7 +9,7 @@ from ftlab.losses.ppo import (
     masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs,
 )
 
-__all__ = ["masked_lm_loss", "sequence_logprobs"]
+__all__ = ["masked_lm_loss"]
 __all__ += ["info_nce", "cosent_loss", "cosine_regression_loss", "cosine_matrix"]
 __all__ += ["bradley_terry_loss", "pairwise_accuracy"]
 __all__ += ["dpo_loss", "dpo_logits", "implicit_rewards"]

@@ -21,11 +21,3 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = labels[:, 1:].reshape(-1)  # (B·(T-1),)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE)
 
-
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log-probabilities of the labelled tokens of each sequence: (B, T, V), (B, T) -> (B,)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    mask = target != IGNORE
-    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (picked * mask).sum(-1)
