@@ -1,6 +1,4 @@
 import json
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,25 +8,7 @@ from ftlab.data import DataError, PairData
 from ftlab.data.pairs import read_sts, text_id
 
 
-@contextmanager
-def _ftlab_log():
-    """Messages logged by ftlab (``caplog`` is off under ``-p no:logging``)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ftlab")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
-
-def _text(records) -> str:
-    return "\n".join(r.getMessage() for r in records)
 
 
 SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
@@ -114,7 +94,7 @@ def test_mixed_pairs_and_triplets_are_an_error(tmp_path):
         PairData(source=str(path), val_fraction=0).setup()
 
 
-def test_nli_rows_become_triplets(tmp_path):
+def test_nli_rows_become_triplets(tmp_path, caplog):
     path = tmp_path / "nli.tsv"
     path.write_text(
         "premise\thypothesis\tlabel\n"
@@ -125,13 +105,13 @@ def test_nli_rows_become_triplets(tmp_path):
         "Kids play .\tChildren play .\tentailment\n"  # no contradiction: skipped
     )
     dm = PairData(source=str(path), val_fraction=0, batch_size=4)
-    with _ftlab_log() as logged:
+    with caplog.at_level("INFO", logger="ftlab"):
         rows = dm.raw_rows("train")
     assert [r["texts"] for r in rows] == [
         ["A man sleeps .", "A person rests .", "A man runs ."],
         ["A man sleeps .", "Someone is asleep .", "A man runs ."],
     ]
-    assert "1 of 2 premises lack" in _text(logged)
+    assert "1 of 2 premises lack" in caplog.text
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["roles"] == ["anchor", "positive", "negative"] and batch["input_ids"].size(0) == 6
@@ -159,12 +139,12 @@ def test_synthetic_tasks_are_deterministic_and_learnable_in_shape():
     assert first in {it for r in triplets.synthetic_rows("train") for it in [r["positive"]]}
 
 
-def test_truncation_is_counted():
+def test_truncation_is_counted(caplog):
     dm = PairData(max_length=12, synthetic_size=20)
-    with _ftlab_log() as logged:
+    with caplog.at_level("INFO", logger="ftlab"):
         dm.setup()
     assert all(len(ids) <= 12 for it in dm.splits["train"] for ids in it["ids"])
-    assert "20 of 20 train samples truncated to max_length=12" in _text(logged)
+    assert "20 of 20 train samples truncated to max_length=12" in caplog.text
 
 
 def test_bad_arguments():

@@ -1,6 +1,4 @@
 import json
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,21 +9,6 @@ from ftlab.data.preference import clean_pairs, labelstudio_pairs, split_hh
 SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
 
 
-@contextmanager
-def _ftlab_log():
-    """Messages logged by ftlab (``caplog`` is off under ``-p no:logging``)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ftlab")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _jsonl(path, rows):
@@ -58,7 +41,7 @@ def test_hh_rows_without_a_shared_prompt_name_file_and_line(tmp_path):
         PreferenceData(source=_jsonl(tmp_path / "hh.jsonl", rows)).setup()
 
 
-def test_cleaning_counts_each_rule_and_logs_them(tmp_path):
+def test_cleaning_counts_each_rule_and_logs_them(tmp_path, caplog):
     long_a, long_b = "this answer has plenty of words", "that answer also has enough words"
     rows = ([{"prompt": "p", "chosen": long_a, "rejected": long_b}] * 6
             + [{"prompt": "p", "chosen": long_a, "rejected": long_a + "  "}] * 2  # equal once stripped
@@ -68,11 +51,10 @@ def test_cleaning_counts_each_rule_and_logs_them(tmp_path):
     assert counts == {"rows": 12, "identical": 2, "too_short": 4, "kept": 6} and len(kept) == 6
     assert clean_pairs([dict(r) for r in rows], min_words=0)[1]["kept"] == 10
     dm = PreferenceData(source=_jsonl(tmp_path / "p.jsonl", rows), val_fraction=0, max_length=64)
-    with _ftlab_log() as logged:
+    with caplog.at_level("INFO", logger="ftlab"):
         dm.setup()
     assert dm.cleaning["train"] == counts and len(dm.splits["train"]) == 6
-    text = "\n".join(r.getMessage() for r in logged)
-    assert "12 pairs; dropped 2 with chosen == rejected, 4 with a side under 5 words; kept 6" in text
+    assert "12 pairs; dropped 2 with chosen == rejected, 4 with a side under 5 words; kept 6" in caplog.text
 
 
 def test_oasst_turn_list_prompts_are_rendered(tmp_path):
