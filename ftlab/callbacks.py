@@ -7,6 +7,7 @@ Metric names are the same for every method (DESIGN.md): ``params/trainable``, ``
 from __future__ import annotations
 
 import logging
+import random
 import resource
 import time
 from collections import defaultdict
@@ -169,6 +170,46 @@ class StopOnNonFinite(L.Callback):
                 "Checkpoints already on disk were left as they were. Try a lower learning rate, "
                 "gradient clipping (--trainer.gradient_clip_val 1.0) or float32."
             )
+
+
+class RestoreRNG(L.Callback):
+    """Save the random-number generators in every checkpoint and put them back on resume.
+
+    Lightning restores weights, optimizer, scheduler and loop progress, but not the generators
+    behind dropout and sampling. The states (torch, CUDA, Python, NumPy; those of rank zero) are
+    stored as tensors and ints, so ``weights_only`` loading reads them, and set right before the
+    first resumed training step, after anything that runs between restore and that step.
+    """
+
+    def __init__(self):
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        import numpy as np
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
 class RunSummary(L.Callback):

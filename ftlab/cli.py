@@ -24,12 +24,14 @@ import ftlab.objectives  # noqa: F401
 import ftlab.optim  # noqa: F401
 import ftlab.peft  # noqa: F401
 from ftlab.callbacks import (
-    ParameterTable, RunSummary, SaveAdapter, StopOnNonFinite, Throughput, WritePredictions,
+    ParameterTable, RestoreRNG, RunSummary, SaveAdapter, StopOnNonFinite, Throughput, WritePredictions,
 )
 from ftlab.objectives._base import Objective
 from ftlab.runs import LogConfig, check_strategy, name_wandb_runs
 
-DEFAULT_CALLBACKS = (ParameterTable, Throughput, StopOnNonFinite, SaveAdapter, RunSummary, WritePredictions)
+DEFAULT_CALLBACKS = (
+    ParameterTable, Throughput, StopOnNonFinite, RestoreRNG, SaveAdapter, RunSummary, WritePredictions,
+)
 #: Subcommands beside Lightning's fit/validate/test/predict: name -> "module:function(argv)".
 EXTRA_COMMANDS: dict[str, str] = {}
 EXTRA_COMMANDS["data"] = "ftlab.data.tools:main"

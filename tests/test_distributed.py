@@ -1,4 +1,5 @@
-"""Two CPU processes with gloo: DDP (with gradient checkpointing + LoRA) and FSDP2 save/resume.
+"""Two CPU processes with gloo: DDP and FSDP2 against one process, DDP with gradient
+checkpointing + LoRA, FSDP2 save/resume.
 
 Each run goes through the real `ftlab` console script, because Lightning relaunches it per rank.
 """
@@ -27,6 +28,86 @@ def _fit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+# Packed text (every sample max_length tokens): a global batch's token-mean loss is then the mean
+# of the ranks' means. LoRA dropout is off; the learning rate warms up and decays.
+CURVE_CONFIG = """
+seed_everything: 0
+trainer:
+  max_steps: 6
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  enable_checkpointing: false
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: recorder.RecordLoss
+      init_args: {path: losses.json}
+model:
+  class_path: ftlab.objectives.CausalLM
+  init_args:
+    backbone: {name_or_path: tiny-llama}
+    method:
+      class_path: ftlab.peft.LoRA
+      init_args: {rank: 4, targets: [q_proj, v_proj, down_proj]}
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args: {lr: 0.01}
+    scheduler:
+      class_path: ftlab.optim.WarmupLinear
+      init_args: {warmup: 2}
+data:
+  class_path: ftlab.data.TextData
+  init_args: {source: synthetic, synthetic_size: 300, max_length: 32, packing: true}
+"""
+
+RECORDER = '''
+import json
+import lightning as L
+
+class RecordLoss(L.Callback):
+    """The loss of the whole global batch at each step (the mean over ranks)."""
+
+    def __init__(self, path: str):
+        self.path, self.losses = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            with open(trainer.default_root_dir + "/" + self.path, "w") as f:
+                json.dump(self.losses, f)
+'''
+
+
+def _curve(run_dir: Path, *args: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    run_dir.mkdir()
+    (run_dir / "curve.yaml").write_text(CURVE_CONFIG)
+    (run_dir / "recorder.py").write_text(RECORDER)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_dir)}
+    cmd = [sys.executable, "-m", "ftlab.cli", "fit", "--config", str(run_dir / "curve.yaml"), *args,
+           f"--trainer.default_root_dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "losses.json").read_text()), load_file(run_dir / "adapter" / "adapter.safetensors")
+
+
+def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
+    """Same global batch (16 = 16 x 1 process = 8 x 2 processes), same samples in each step."""
+    single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16")
+    ddp, ddp_w = _curve(tmp_path / "ddp", "--config", "configs/strategy/ddp.yaml", "--data.init_args.batch_size", "8")
+    fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml", "--data.init_args.batch_size", "8")
+    assert len(single) == 6 and any(v.abs().sum() > 0 for k, v in single_w.items() if k.endswith("lora_B"))
+    assert ddp == pytest.approx(single, rel=1e-5) and fsdp == pytest.approx(single, rel=1e-5)
+    for other in (ddp_w, fsdp_w):
+        assert other.keys() == single_w.keys()
+        for k in single_w:
+            torch.testing.assert_close(other[k], single_w[k], rtol=1e-3, atol=1e-5)  # Adam magnifies rounding
+    # a different global batch gives a different curve: the comparison can fail
+    half, _ = _curve(tmp_path / "half", "--data.init_args.batch_size", "8")
+    assert half != pytest.approx(single, rel=1e-3)
 
 
 def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):

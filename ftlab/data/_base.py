@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from functools import partial
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ftlab.data._io import DataError, Record, load_source, nonempty
 
@@ -112,11 +114,12 @@ class TokenizedData(L.LightningDataModule):
         items = self.splits.get(split)
         if not items:
             raise DataError(f"{type(self).__name__}: the {split} split is empty (source {self.source})")
-        return DataLoader(
-            items, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=partial(self.collate, split=split), drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                      collate_fn=partial(self.collate, split=split))
+        if not shuffle:
+            return DataLoader(items, **common)
+        sampler = ResumableSampler(items, self.seed, self.trainer, self.batch_size)
+        return ResumableLoader(items, sampler=sampler, generator=torch.Generator().manual_seed(self.seed), **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -129,6 +132,56 @@ class TokenizedData(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation per epoch, seeded by ``seed + epoch``, split across ranks.
+
+    One process with global batch B and N processes with batch B/N see the same samples in each
+    step (rank r takes every N-th index of the same permutation). Lightning sets the epoch at each
+    epoch start and leaves a ``DistributedSampler`` in place under DDP/FSDP. Since the order
+    depends only on seed, epoch and position, a fit resumed from a mid-epoch checkpoint goes on
+    where the saved run was: the batches the restored loop progress counts as trained in this
+    epoch are skipped, once.
+    """
+
+    def __init__(self, items: list, seed: int, trainer: L.Trainer | None = None, batch_size: int = 1):
+        spread = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        super().__init__(items, num_replicas=spread.get("num_replicas", 1), rank=spread.get("rank", 0),
+                         shuffle=True, seed=seed)
+        self.skip = 0  # samples of this rank to leave out, once
+        fit_loop = trainer.fit_loop if trainer is not None else None
+        if fit_loop is not None and fit_loop.restarting:
+            done = fit_loop.epoch_loop.batch_progress.current.processed
+            if done < _batches_per_epoch(math.ceil(self.num_samples / batch_size), trainer.limit_train_batches):
+                self.skip = done * batch_size  # else the checkpoint closed its epoch: the next starts afresh
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A training loader over a ``ResumableSampler``. Its state is what the data order depends on;
+    Lightning saves it in checkpoints, and a resume that changed any of it gets a warning."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.sampler.seed, "batch_size": self.batch_size, "world_size": self.sampler.num_replicas,
+                "samples": len(self.dataset)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        changed = [f"{k} {state_dict[k]} -> {v}" for k, v in self.state_dict().items() if state_dict.get(k, v) != v]
+        if changed:
+            rank_zero_warn(f"resuming with a different {', '.join(changed)} than the checkpoint: the training data "
+                           "order and position differ from the saved run's")
+
+
+def _batches_per_epoch(batches: int, limit: int | float | None) -> int:
+    """Batches Lightning runs per epoch under ``Trainer(limit_train_batches=limit)``."""
+    if limit is None:
+        return batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Each row's ``text_field`` is tokenized (plus eos) and cut to ``max_length``, as TRL's
 SFTTrainer does with ``dataset_text_field`` / ``max_seq_length``. With ``packing`` the token
-streams are concatenated and cut into ``max_length`` blocks: no padding except in the last,
-shorter block, nothing dropped.
+streams are concatenated and cut into ``max_length`` blocks; the shorter remainder at the end is
+dropped (as ``transformers``' ``group_texts`` does), so every step trains on exactly batch x
+max_length tokens, the same on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class TextData(TokenizedData):
         tokenizer: Backbone whose tokenizer to use (linked from ``model.backbone.name_or_path``).
         text_field: Column holding the text.
         max_length: Tokens per sample (or per packed block).
-        packing: Concatenate samples and cut the stream into ``max_length`` blocks.
+        packing: Concatenate samples and cut the stream into full ``max_length`` blocks.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
         val_source: Separate validation file (else ``val_fraction`` of the rows).
@@ -70,7 +71,8 @@ class TextData(TokenizedData):
             for split, items in self.splits.items():
                 stream = [t for it in items for t in it["input_ids"]]
                 n = self.max_length
-                self.splits[split] = [{"input_ids": stream[i : i + n]} for i in range(0, len(stream), n)]
+                full = [{"input_ids": stream[i : i + n]} for i in range(0, len(stream) - n + 1, n)]
+                self.splits[split] = full or ([{"input_ids": stream}] if stream else [])  # keep a lone short block
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         ids = pad([it["input_ids"] for it in items], self.tokenizer.pad_token_id)

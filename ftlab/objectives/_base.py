@@ -123,6 +123,9 @@ class Objective(L.LightningModule):
         A randomly initialised base is saved whole, since nothing else could rebuild it. So is a
         model sharded with FSDP2: Lightning's distributed checkpoint loader needs every key.
         """
+        # LightningCLI reads "hyper_parameters" of a --ckpt_path file back as model arguments; ours
+        # describe the run (the config file rebuilds it), so they are kept under another key.
+        checkpoint["ftlab_hparams"] = checkpoint.pop("hyper_parameters", {})
         if not self.backbone.pretrained or self.device_mesh is not None:
             return
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -137,9 +140,15 @@ class Objective(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupLinear) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # The run length is read here, not in configure_optimizers: asking for it there makes
+        # Lightning build the train loader before a checkpoint is restored, and a resumed fit would
+        # not continue from the saved data position. A resumed scheduler already has its length.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupLinear) and config.scheduler.total_steps is None:
+                config.scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0))

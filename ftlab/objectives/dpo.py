@@ -147,6 +147,7 @@ class DPO(Objective):
         self._updated = True
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.reference != "precomputed" or self._updated:
             return
         loaders = [self.trainer.train_dataloader]

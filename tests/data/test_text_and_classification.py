@@ -9,12 +9,17 @@ def test_text_packing_makes_full_blocks():
     dm = TextData(max_length=32, packing=True, synthetic_size=50, batch_size=4)
     dm.setup()
     blocks = dm.splits["train"]
-    assert all(len(it["input_ids"]) == 32 for it in blocks[:-1]) and 0 < len(blocks[-1]["input_ids"]) <= 32
-    total = sum(len(it["input_ids"]) for it in blocks)
-    encoded = [dm.tokenizer(r["text"])["input_ids"] + [dm.tokenizer.eos_token_id] for r in dm._splits()["train"]]
-    assert total == sum(len(e) for e in encoded)  # nothing dropped
+    assert all(len(it["input_ids"]) == 32 for it in blocks)
+    encoded = [t for r in dm._splits()["train"] for t in dm.tokenizer(r["text"])["input_ids"] + [dm.tokenizer.eos_token_id]]
+    assert [t for it in blocks for t in it["input_ids"]] == encoded[: len(encoded) // 32 * 32]  # only the tail dropped
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and int(batch["attention_mask"].sum()) >= 3 * 32
+
+
+def test_text_packing_keeps_a_stream_shorter_than_one_block():
+    dm = TextData(max_length=4096, packing=True, synthetic_size=20, val_fraction=0.1, batch_size=4)
+    dm.setup()
+    assert len(dm.splits["train"]) == 1 and 0 < len(dm.splits["train"][0]["input_ids"]) < 4096
 
 
 def test_text_without_packing_masks_padding():

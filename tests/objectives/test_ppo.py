@@ -33,7 +33,7 @@ def test_reward_rises_while_kl_stays_bounded_and_the_reference_is_the_frozen_bas
     # Reward: the response holds a digit. The pretrained tiny-llama does so about half the time (when
     # the sentence after its answer is an arithmetic one); PPO makes it the rule.
     L.seed_everything(0)
-    model = _ppo()
+    model = _ppo(horizon=64)  # a controller fast enough to act within 14 iterations
     dm = PromptData(batch_size=32, synthetic_size=512, max_length=48)
     dm.setup()
     probe = next(iter(dm.val_dataloader()))
