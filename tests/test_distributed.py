@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["--data.init_args.synthetic_train_size", "128", "--data.init_args.synthetic_val_size", "8",
@@ -43,23 +44,23 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: recorder.RecordLoss
-      init_args: {path: losses.json}
+      init_args: {{path: losses.json}}
 model:
   class_path: ftlab.objectives.CausalLM
   init_args:
-    backbone: {name_or_path: tiny-llama}
+    backbone: {{name_or_path: tiny-llama}}
     method:
-      class_path: ftlab.peft.LoRA
-      init_args: {rank: 4, targets: [q_proj, v_proj, down_proj]}
+      class_path: ftlab.peft.{method}
+      init_args: {{rank: 4, targets: [q_proj, v_proj, down_proj]}}
     optimizer:
       class_path: torch.optim.AdamW
-      init_args: {lr: 0.01}
+      init_args: {{lr: 0.01}}
     scheduler:
       class_path: ftlab.optim.WarmupLinear
-      init_args: {warmup: 2}
+      init_args: {{warmup: 2}}
 data:
   class_path: ftlab.data.TextData
-  init_args: {source: synthetic, synthetic_size: 300, max_length: 32, packing: true}
+  init_args: {{source: synthetic, synthetic_size: 300, max_length: 32, packing: true}}
 """
 
 RECORDER = '''
@@ -82,9 +83,9 @@ class RecordLoss(L.Callback):
 '''
 
 
-def _curve(run_dir: Path, *args: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _curve(run_dir: Path, *args: str, method: str = "LoRA") -> tuple[list[float], dict[str, torch.Tensor]]:
     run_dir.mkdir()
-    (run_dir / "curve.yaml").write_text(CURVE_CONFIG)
+    (run_dir / "curve.yaml").write_text(CURVE_CONFIG.format(method=method))
     (run_dir / "recorder.py").write_text(RECORDER)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_dir)}
     cmd = [sys.executable, "-m", "ftlab.cli", "fit", "--config", str(run_dir / "curve.yaml"), *args,
@@ -110,6 +111,16 @@ def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
     assert half != pytest.approx(single, rel=1e-3)
 
 
+def test_qlora_under_fsdp_follows_the_single_process_loss_curve(tmp_path):
+    """FSDP2 shards QLoRA's packed 4-bit codes (uint8 storage) with the rest and gathers them back."""
+    single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16", method="QLoRA")
+    fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml",
+                          "--data.init_args.batch_size", "8", method="QLoRA")
+    assert fsdp == pytest.approx(single, rel=1e-5)
+    for k in single_w:
+        torch.testing.assert_close(fsdp_w[k], single_w[k], rtol=1e-3, atol=1e-5)
+
+
 def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):
     _fit(tmp_path, "--config", "configs/strategy/ddp.yaml", "--model.init_args.backbone.gradient_checkpointing", "true",
          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
@@ -119,18 +130,21 @@ def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
 
 
-def test_fsdp_writes_sharded_checkpoint_and_resumes(tmp_path):
-    # constant lr: the restored warmup-linear schedule would end at the first run's last step
-    _fit(tmp_path, "--config", "configs/strategy/fsdp.yaml", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-         "--model.init_args.scheduler", "null")
-    ckpt = next((tmp_path / "checkpoints").iterdir())
+def test_fsdp_adapter_only_sharded_checkpoint_resumes_exactly(tmp_path):
+    fsdp = ["--config", "configs/strategy/fsdp.yaml", "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
+    _fit(tmp_path / "a", *fsdp, "--trainer.callbacks+=ModelCheckpoint",
+         "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1")
+    (ckpt,) = (tmp_path / "a" / "checkpoints").glob("*step=3.ckpt")  # mid-epoch: 2 batches per rank and epoch
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
-    first = load_file(tmp_path / "adapter" / "adapter.safetensors")
-    done = _fit(tmp_path, "--config", "configs/strategy/fsdp.yaml", "--trainer.max_steps", "5",
-                "--trainer.val_check_interval", "5", "--model.init_args.scheduler", "null", "--ckpt_path", str(ckpt))
+    saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    tensors = [k for k in saved if k.startswith("state_dict.")]
+    assert tensors and all(".lora_" in k for k in tensors), tensors  # the frozen base is not in it
+    assert any(k.startswith("optimizer_0.state.") for k in saved)
+
+    done = _fit(tmp_path / "b", *fsdp, "--ckpt_path", str(ckpt))
     assert "Restored all states" in done.stdout + done.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 5
-    second = load_file(tmp_path / "adapter" / "adapter.safetensors")
-    # the adapter was gathered from the shards into full tensors, and training went on from them
-    assert first.keys() == second.keys() and all(first[k].shape == second[k].shape for k in first)
-    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 5
+    # the resumed run ends where the uninterrupted one did (adapters gathered from the shards)
+    first = load_file(tmp_path / "a" / "adapter" / "adapter.safetensors")
+    second = load_file(tmp_path / "b" / "adapter" / "adapter.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

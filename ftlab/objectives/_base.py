@@ -121,12 +121,14 @@ class Objective(L.LightningModule):
         """Keep trainable tensors only: the frozen base is rebuilt from the backbone on load.
 
         A randomly initialised base is saved whole, since nothing else could rebuild it. So is a
-        model sharded with FSDP2: Lightning's distributed checkpoint loader needs every key.
+        model sharded with FSDP2 under Lightning's own ``ModelParallelStrategy``, whose loader needs
+        every key (``ftlab.distributed.ModelParallelStrategy`` does not).
         """
         # LightningCLI reads "hyper_parameters" of a --ckpt_path file back as model arguments; ours
         # describe the run (the config file rebuilds it), so they are kept under another key.
         checkpoint["ftlab_hparams"] = checkpoint.pop("hyper_parameters", {})
-        if not self.backbone.pretrained or self.device_mesh is not None:
+        partial = self.device_mesh is None or getattr(self.trainer.strategy, "loads_partial_checkpoints", False)
+        if not self.backbone.pretrained or not partial:
             return
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
