@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -53,6 +54,10 @@ class FtlabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         check_strategy(config.get("trainer"))  # before any model or data is loaded
+        ckpt = config.get("ckpt_path")
+        named = ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry")  # Lightning resolves these
+        if ckpt and not named and not Path(ckpt).exists():
+            raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (or use --ckpt_path last)")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -114,6 +114,12 @@ def test_missing_data_path(capsys, tmp_path):
     assert "nowhere does not exist" in err
 
 
+def test_missing_checkpoint_is_one_line(capsys, tmp_path):
+    err = _error(["fit", "--config", "configs/lora.yaml", f"--trainer.default_root_dir={tmp_path}",
+                  "--ckpt_path", str(tmp_path / "nope.ckpt")], capsys)
+    assert "nope.ckpt: no such checkpoint" in err and "Traceback" not in err
+
+
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
