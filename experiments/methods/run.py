@@ -1,11 +1,12 @@
 """SST-2 on MiniLM: every method at one budget (same steps, batch, length, schedule, pooling).
 
-    python experiments/methods_sst2/run.py                       # the full table (hours on CPU)
-    python experiments/methods_sst2/run.py --steps 5 --max-samples 64 --out /tmp/sst2_smoke
+    python experiments/methods/run.py                       # the full table (hours on CPU)
+    python experiments/methods/run.py --steps 5 --max-samples 64 --out /tmp/sst2_smoke
 
 Writes ``results.csv`` and ``results.md`` to ``--out`` (default: beside this file), one row per
-method and seed, rewritten after every run so an interrupted grid keeps what finished. Each method
-runs through ftlab's Python API: ``SequenceClassifier`` on the ``minilm`` backbone with mean pooling,
+method and seed (accuracy, trainable share, median s/step and tokens/s, peak memory), rewritten
+after every run so an interrupted grid keeps what finished. Each method runs in a fresh process
+(so peak memory is its own) through ftlab's Python API: ``SequenceClassifier`` on the ``minilm`` backbone with mean pooling,
 ``ClassificationData`` on the GLUE files, AdamW with 6% warmup then linear decay; only the method
 and its learning rate change from row to row.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +40,7 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "pfeiffer": ("ftlab.peft.Adapter", {"placement": "pfeiffer", "reduction_factor": 16}, 1e-3),
 }
 FIELDS = ["method", "seed", "accuracy", "f1", "val_loss", "trainable", "total", "trainable_pct", "lr",
-          "steps", "batch", "max_length", "step_s", "minutes", "device", "error"]
+          "steps", "batch", "max_length", "step_s", "tokens_per_s", "peak_mem_gib", "minutes", "device", "error"]
 
 
 def build_method(name: str):
@@ -52,7 +55,9 @@ def run_one(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from ftlab.callbacks import ParameterTable, Throughput
+    from statistics import median
+
+    from ftlab.callbacks import ParameterTable, Throughput, peak_memory_gib
     from ftlab.data import ClassificationData
     from ftlab.models.backbone import Backbone
     from ftlab.objectives import SequenceClassifier
@@ -86,7 +91,9 @@ def run_one(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
         "trainable": int(params["params/trainable"]),
         "total": int(params["params/total"]), "trainable_pct": round(params["params/trainable_pct"], 4),
         "lr": lr, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-        "step_s": round(sum(speed.step_times) / max(len(speed.step_times), 1), 4),
+        "step_s": round(median(speed.step_times), 4) if speed.step_times else "",
+        "tokens_per_s": round(median(speed.tokens_per_s)) if speed.tokens_per_s else "",
+        "peak_mem_gib": round(peak_memory_gib(model.device), 3),
         "minutes": round((time.perf_counter() - start) / 60, 2), "device": str(model.device), "error": "",
     }
 
@@ -101,16 +108,16 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
         f"SST-2 dev ({dev}), MiniLM-L6 (all-MiniLM-L6-v2), mean pooling, max length {args.max_length}, "
         f"batch {args.batch}, {args.steps} steps, AdamW (weight decay 0.01), 6% warmup then linear decay.",
         "",
-        "| method | accuracy | macro F1 | trainable params | trainable % | lr | s/step | seed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | accuracy | macro F1 | trainable params | trainable % | lr | s/step | tokens/s | peak GiB | seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | {r['lr']} | | {r['seed']} |")
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | {r['lr']} | | | | {r['seed']} |")
             continue
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * r['f1']:.1f}% | "
-                     f"{r['trainable']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | {r['step_s']:.3f} | "
-                     f"{r['seed']} |")
+                     f"{r['trainable']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | {r['step_s']} | "
+                     f"{r['tokens_per_s']} | {r['peak_mem_gib']} | {r['seed']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.methods:
             print(f"== {name} (seed {seed}, lr {lrs[name]:g})", flush=True)
             try:
-                rows.append(run_one(name, lrs[name], seed, args))
+                # A fresh process per method: its peak memory (max RSS on CPU) is that method's alone.
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rows.append(pool.submit(run_one, name, lrs[name], seed, args).result())
             except Exception as err:  # one failed method must not lose the others' rows
                 rows.append({**dict.fromkeys(FIELDS, ""), "method": name, "seed": seed, "lr": lrs[name],
                              "error": f"{type(err).__name__}: {err}"[:200]})
