@@ -376,8 +376,8 @@ def rows(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
         row["run_dir"] = str(p.run_dir)
         out.append(row)
     swept = _swept(sweep)
-    columns = ["run", *swept, "status", "metric", "value", *sorted(k for k in metrics if k != sweep.metric),
-               *SUMMARY_FIELDS, "wall_s", "run_dir"]
+    logged = sorted(k for k in metrics if k != sweep.metric and k not in SUMMARY_FIELDS)  # perf/* are in both
+    columns = ["run", *swept, "status", "metric", "value", *logged, *SUMMARY_FIELDS, "wall_s", "run_dir"]
     return columns, out
 
 

@@ -163,3 +163,18 @@ def test_compare_notebook_runs_on_results(tmp_path, monkeypatch):
     assert "1 results file(s), 3 runs, 2 finished" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the comparison plot
     assert any("rank=8" in str(o.get("data", {}).get("text/html", "")) for o in outputs)  # the table
+
+
+def test_results_have_each_column_once(tmp_path):
+    """perf/* are both logged metrics and summary fields: results.csv has them once."""
+    from ftlab.sweep import load, plan, rows
+
+    sweep = plan(load(_sweep_file(tmp_path)))
+    for point, loss in zip(sweep.points, (0.5, 0.4)):
+        point.run_dir.mkdir(parents=True)
+        (point.run_dir / "summary.json").write_text(json.dumps(
+            {"metrics": {"train/loss": loss, "perf/tokens_per_s": 100.0, "val/f1": 0.7},
+             "perf/tokens_per_s": 100.0, "steps": 2}))
+    columns, table = rows(sweep)
+    assert len(columns) == len(set(columns)) and {"perf/tokens_per_s", "val/f1"} <= set(columns)
+    assert [(r["value"], r["perf/tokens_per_s"]) for r in table] == [(0.5, 100.0), (0.4, 100.0)]
