@@ -16,6 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ftlab.peft._method import count_parameters
@@ -99,12 +101,44 @@ class Throughput(L.Callback):
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run: the first logger's log_dir, else ``default_root_dir``.
+    """The directory of this run: its config, checkpoints, adapter, summary and predictions.
 
-    ``trainer.log_dir`` is a collective under distributed strategies: call this on every rank
-    (e.g. in ``setup``), never inside a rank-zero-only function.
+    It is the log directory of the first versioned logger (CSV or TensorBoard:
+    ``<save_dir>/<name>/version_N``); with no such logger, the next free ``version_N`` under
+    ``default_root_dir``. Either way a second run into the same root gets a directory of its own and
+    never writes over the first. Chosen on rank zero and broadcast, so this is a collective under
+    distributed strategies: call it on every rank (e.g. in ``setup``), never inside a
+    rank-zero-only function. Memoised on the trainer.
     """
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    chosen = getattr(trainer, "_ftlab_run_dir", None)
+    if chosen is None:
+        path = None
+        if trainer.is_global_zero:
+            versioned = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger | TensorBoardLogger)]
+            path = str(versioned[0].log_dir) if versioned else str(next_version_dir(trainer.default_root_dir))
+        chosen = trainer._ftlab_run_dir = Path(trainer.strategy.broadcast(path))
+    return chosen
+
+
+def next_version_dir(root: str | Path) -> Path:
+    """``root/version_N`` for the first N above every existing ``version_*`` folder in ``root``."""
+    root = Path(root)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()] if root.is_dir() else []
+    return root / f"version_{max(taken, default=-1) + 1}"
+
+
+class RunDirectory(L.Callback):
+    """Put every output of a run in its run directory (``run_dir``), checkpoints included.
+
+    A ``ModelCheckpoint`` with no ``dirpath`` writes to ``<run dir>/checkpoints``; without a logger
+    Lightning would use ``default_root_dir/checkpoints``, shared by every run there.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        directory = run_dir(trainer)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(directory / "checkpoints")
 
 
 class SaveAdapter(L.Callback):
@@ -152,24 +186,137 @@ class SaveBackboneWeights(L.Callback):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss or trainable weight."""
+
+
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first trainable parameter holding a NaN or inf (this rank's shard), or None.
+
+    One device sync for all tensors: each ``isfinite().all()`` stays on the device until stacked.
+    """
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in module.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in named if p.numel()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
 
 class StopOnNonFinite(L.Callback):
-    """Stop at the first NaN/inf training loss, before anything is saved from the broken weights.
+    """Stop at the first NaN/inf training loss or trainable weight, before any checkpoint holds it.
 
-    Checkpoints and the adapter are written at validation and fit end; raising here skips both,
-    so the last good checkpoint on disk is never overwritten.
+    The check runs after every training batch, before checkpoint callbacks (ftlab orders it so),
+    and again whenever a checkpoint is about to be written; the adapter file refuses non-finite
+    tensors too. The weights are checked, not only the loss: after an optimizer step that
+    overflows, the loss of that step is still finite.
     """
+
+    HINT = ("Checkpoints already on disk were left as they were. Try a lower learning rate, "
+            "gradient clipping (--trainer.gradient_clip_val 1.0) or float32.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at step {trainer.global_step} (batch {batch_idx}); stopped. "
-                "Checkpoints already on disk were left as they were. Try a lower learning rate, "
-                "gradient clipping (--trainer.gradient_clip_val 1.0) or float32."
+                f"train/loss is {loss.item()} at step {trainer.global_step} (batch {batch_idx}); stopped. {self.HINT}"
             )
+        self._check_weights(trainer, pl_module, f"after step {trainer.global_step}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._check_weights(trainer, pl_module, f"when saving a checkpoint at step {trainer.global_step}")
+
+    def _check_weights(self, trainer, pl_module, when: str) -> None:
+        bad = first_non_finite(pl_module)
+        if trainer.strategy.reduce_boolean_decision(bad is None, all=True):
+            return
+        raise NonFiniteLossError(
+            f"trainable weights hold NaN/inf {when} ({bad or 'on another rank'}); stopped before writing them. "
+            + self.HINT
+        )
+
+
+class CheckMonitors(L.Callback):
+    """A ``ModelCheckpoint`` or ``EarlyStopping`` that monitors a metric nobody logs is an error.
+
+    Lightning skips such a checkpoint with a warning until validation has run and only then fails
+    deep in the loop; this check runs at the end of each validation (before those callbacks) and
+    names the metrics that do exist. At the end of training, a monitor still missing (validation
+    never ran) is a warning.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            missing = self._missing(trainer)
+            if missing:
+                raise ValueError(missing)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        missing = self._missing(trainer)
+        if missing:
+            log.warning("%s; nothing was selected by it", missing)
+
+    @staticmethod
+    def _missing(trainer: L.Trainer) -> str | None:
+        import difflib
+
+        logged = sorted(trainer.callback_metrics)
+        for callback in trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(monitor, str) and monitor not in logged:
+                near = difflib.get_close_matches(monitor, logged, n=1)
+                return (f"{type(callback).__name__}(monitor={monitor!r}): no metric of that name is logged"
+                        + (f" (did you mean {near[0]!r}?)" if near else "") + f"; logged: {', '.join(logged) or 'none'}")
+        return None
+
+
+class ProgressLog(L.Callback):
+    """Plain progress lines for non-interactive output (a cluster job's log file), where a progress
+    bar prints nothing: step, loss, throughput and time left, every ``every_s`` seconds.
+
+    Args:
+        every_s: Seconds between lines (the first step and the last always get one).
+        interactive: Also print when stdout is a terminal (where the progress bar already shows this).
+    """
+
+    def __init__(self, every_s: float = 30.0, interactive: bool = False):
+        self.every_s, self.interactive = every_s, interactive
+        self._start = self._last = 0.0
+        self._tokens = self._first_step = 0
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        import sys
+
+        return trainer.is_global_zero and (self.interactive or not sys.stdout.isatty())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._last, self._tokens, self._first_step = time.perf_counter(), 0.0, 0, trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self._tokens += int(mask.sum()) * trainer.world_size if mask is not None else 0
+        now = time.perf_counter()
+        step, total = trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None
+        last = total is not None and step >= total
+        if not self._active(trainer) or not (self._last == 0.0 or last or now - self._last >= self.every_s):
+            return
+        self._last = now
+        elapsed = now - self._start
+        done = max(step - self._first_step, 1)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        parts = [f"step {step}" + (f"/{total}" if total else ""), f"epoch {trainer.current_epoch}"]
+        if loss is not None:
+            parts.append(f"loss {float(loss.detach()):.4f}")
+        parts.append(f"{done / elapsed:.2f} steps/s")
+        if self._tokens:
+            parts.append(f"{self._tokens / elapsed:,.0f} tokens/s")
+        if total:
+            parts.append(f"eta {_clock((total - step) * elapsed / done)}")
+        log.info(" | ".join(parts))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class RestoreRNG(L.Callback):

@@ -54,16 +54,40 @@ def merge_into_base(model, method) -> None:
         raise ExportError(f"{type(method).__name__} adds modules that cannot be folded into a plain model")
 
 
+#: Written into every export: what it was made from, and the mark that ``--out`` may replace it.
+MARKER = "ftlab_export.json"
+
+
+def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
+    """``out`` may be new, empty, a previous export, or anything with ``overwrite`` -- but never the
+    adapter's own folder or one that holds it (a run directory): replacing it would delete the adapter."""
+    if out.resolve() == adapter.resolve() or out.resolve() in adapter.resolve().parents:
+        raise ExportError(f"--out {out} holds the adapter {adapter}: write the export to another folder")
+    if out.is_file():
+        raise ExportError(f"--out {out} is a file; give a folder for the exported model")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
+        raise ExportError(f"--out {out} is a folder with other files in it (not an earlier export); choose an empty "
+                          "or new folder, or pass --overwrite to replace it")
+
+
 def export(
-    adapter: str | Path, out: str | Path, backbone=None, dtype: str | None = None,
+    adapter: str | Path, out: str | Path, backbone=None, dtype: str | None = None, overwrite: bool = False,
 ) -> Path:
-    """Write ``backbone`` + ``adapter`` merged to ``out`` (model and tokenizer); returns ``out``."""
+    """Write ``backbone`` + ``adapter`` merged to ``out`` (model and tokenizer); returns ``out``.
+
+    ``out`` is replaced only if it is new, empty or an earlier export, unless ``overwrite``.
+    """
+    import json
+
     import torch
 
     from ftlab.models.backbone import Backbone
     from ftlab.peft import io
 
-    adapter = Path(adapter)
+    adapter, out = Path(adapter), Path(out)
+    if not adapter.is_dir():
+        raise ExportError(f"--adapter {adapter}: no such adapter folder")
+    check_out(out, adapter, overwrite)
     peft_format = (adapter / io.PEFT_CONFIG).exists()
     meta: dict[str, Any] = {}
     if not peft_format:
@@ -92,9 +116,11 @@ def export(
     model.eval()
     if dtype:
         model.to(getattr(torch, dtype))
-    with io._atomic_dir(out) as tmp:
+    with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         backbone.tokenizer().save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(
+            {"adapter": str(adapter), "base": backbone.name_or_path, "dtype": dtype}, indent=2))
     log.info("exported %s merged into %s to %s", adapter, backbone.name_or_path, out)
     return Path(out)
 
@@ -116,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=str, required=True, help="Output directory for save_pretrained.")
     parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"] | None, default=None,
                         help="Dtype of the written weights (default: the base's).")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="Replace --out even if it holds files that are not an earlier export.")
     args = parser.parse_args(argv)
     backbone = backbone_from_config(args.config) if args.config else None
-    path = export(args.adapter, args.out, backbone, args.dtype)
+    path = export(args.adapter, args.out, backbone, args.dtype, args.overwrite)
     print(f"ftlab: merged model written to {path}")

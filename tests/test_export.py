@@ -139,7 +139,7 @@ def test_cli_random_init_base_is_one_clear_line(base_dir, tmp_path, capsys):
 
 def test_cli_missing_adapter_is_one_clear_line(tmp_path, capsys):
     err = _error(["export", "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")], capsys)
-    assert "is not an ftlab adapter" in err
+    assert "no such adapter folder" in err
 
 
 def test_wrong_base_is_refused(base_dir, tmp_path):

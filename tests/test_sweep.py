@@ -109,6 +109,7 @@ def test_wandb_run_named_from_method(monkeypatch):
     from ftlab.runs import run_name
 
     assert run_name(LoRA(rank=16, alpha=32, targets=["q_proj", "v_proj"])) == "LoRA-r16-a32-q_proj,v_proj"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # ftlab's default loggers leave W&B out when it is disabled
     args = ["--config", str(ROOT / "configs" / "lora.yaml"), f"--{RANK}", "4"]
     cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
     (wandb,) = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]

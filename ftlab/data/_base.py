@@ -95,6 +95,9 @@ class TokenizedData(L.LightningDataModule):
             self.splits["test"] = self._encode_all(rows[: self.max_samples] if self.max_samples else rows, "test")
 
     def _encode_all(self, rows: list[Record], split: str) -> list[dict[str, Any]]:
+        """Encode every row; count truncated ones, and leave out (counted) those that truncation
+        left with nothing to learn from (``encode`` sets ``no_target``), e.g. a prompt that fills
+        ``max_length`` so no response token remains."""
         items = [self.encode(row) for row in rows]
         truncated = sum(bool(it.pop("truncated", False)) for it in items)
         if truncated:
@@ -102,7 +105,14 @@ class TokenizedData(L.LightningDataModule):
                 "%s: %d of %d %s samples truncated to max_length=%d",
                 type(self).__name__, truncated, len(items), split, self.max_length,
             )
-        return items
+        kept = [it for it in items if not it.pop("no_target", False)]
+        if len(kept) < len(items):
+            message = (f"{type(self).__name__}: {len(items) - len(kept)} of {len(items)} {split} samples have no "
+                       f"target token within max_length={self.max_length} (the prompt fills it)")
+            if not kept:
+                raise DataError(f"{message}: nothing is left to train on; raise data.init_args.max_length")
+            log.warning("%s; they are left out", message)
+        return kept
 
     def encode(self, row: Record) -> dict[str, Any]:
         raise NotImplementedError

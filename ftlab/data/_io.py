@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import sys
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,19 @@ Record = dict[str, Any]
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
+
+
+def _undecodable(path: Path) -> DataError:
+    """An error naming the line of the first byte that is not UTF-8 (in the decompressed text)."""
+    data = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _format(path: Path) -> str:
@@ -46,19 +58,39 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file")
     fmt = _format(path)
-    if fmt == ".jsonl":
-        return _read_jsonl(path)
-    if fmt == ".json":
-        return _read_json(path)
-    if fmt in (".csv", ".tsv"):
-        return _read_delimited(path, "\t" if fmt == ".tsv" else ",")
-    if fmt == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        return [{**r, "_where": f"{path}:row {i + 1}"} for i, r in enumerate(rows)]
+    try:
+        if fmt == ".jsonl":
+            return _read_jsonl(path)
+        if fmt == ".json":
+            return _read_json(path)
+        if fmt in (".csv", ".tsv"):
+            return _read_delimited(path, "\t" if fmt == ".tsv" else ",")
+        if fmt == ".parquet":
+            return _read_parquet(path)
+    except UnicodeDecodeError:
+        raise _undecodable(path) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(
+            f"{path}: not a readable gzip file ({err}); rename it without .gz if it is not compressed"
+        ) from None
     raise DataError(f"{path}: unsupported file type {fmt!r}; use one of {', '.join(SUFFIXES)} (optionally .gz)")
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            rows = pq.read_table(f).to_pylist()
+    except gzip.BadGzipFile:
+        raise
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    return [{**r, "_where": f"{path}:row {i + 1}"} for i, r in enumerate(rows)]
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -171,6 +203,21 @@ def require(row: Mapping[str, Any], field: str, kind: str = "field") -> Any:
         have = [k for k in row if k != "_where"]
         raise DataError(f"{row.get('_where', '?')}: missing {kind} {field!r} (row has {have})")
     return row[field]
+
+
+def text(row: Mapping[str, Any], field: str, required: bool = True) -> str:
+    """``row[field]`` as text: strings as they are, numbers written out, a missing optional field as
+    "". A list or an object is a DataError, not its Python repr trained on silently."""
+    value = require(row, field) if required else row.get(field)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    shown = json.dumps(value, default=str)
+    raise DataError(f"{row.get('_where', '?')}: field {field!r} must be text, got a {type(value).__name__} "
+                    f"({shown[:60]}{'...' if len(shown) > 60 else ''})")
 
 
 def nonempty(rows: Iterable[Record] | None, what: str) -> list[Record]:

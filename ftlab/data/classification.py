@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from ftlab.data._base import TokenizedData, pad
-from ftlab.data._io import DataError, Record, require
+from ftlab.data._io import DataError, Record, require, text
 
 
 class ClassificationData(TokenizedData):
@@ -51,7 +51,7 @@ class ClassificationData(TokenizedData):
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
         self.text_field, self.text_pair_field, self.label_field = text_field, text_pair_field, label_field
-        self.labels = [str(x) for x in labels] if labels else None
+        self.labels = [label_name(x) for x in labels] if labels else None
 
     @property
     def num_labels(self) -> int:
@@ -74,16 +74,16 @@ class ClassificationData(TokenizedData):
     def setup(self, stage: str | None = None) -> None:
         if self.labels is None:
             train = self.raw_rows("train")
-            self.labels = sorted({str(require(r, self.label_field)) for r in train}, key=_label_order)
+            self.labels = sorted({label_name(require(r, self.label_field)) for r in train}, key=_label_order)
         super().setup(stage)
 
     def encode(self, row: Record) -> dict[str, Any]:
-        text = str(require(row, self.text_field))
-        pair = str(require(row, self.text_pair_field)) if self.text_pair_field else None
-        label = str(require(row, self.label_field))
+        first = text(row, self.text_field)
+        pair = text(row, self.text_pair_field) if self.text_pair_field else None
+        label = label_name(require(row, self.label_field))
         if label not in self.labels:
             raise DataError(f"{row.get('_where', '?')}: label {label!r} is not one of {self.labels}")
-        enc = self.tokenizer(text, pair, truncation=False)
+        enc = self.tokenizer(first, pair, truncation=False)
         ids = enc["input_ids"]
         return {"input_ids": ids[: self.max_length], "label": self.labels.index(label), "truncated": len(ids) > self.max_length}
 
@@ -95,6 +95,17 @@ class ClassificationData(TokenizedData):
             "attention_mask": pad([[1] * len(it["input_ids"]) for it in items], 0),
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
         }
+
+
+def label_name(value: Any) -> str:
+    """A label as its class name: numbers that are whole (``1``, ``1.0``, ``"1.0"``) are one class, "1"."""
+    if isinstance(value, bool):
+        return str(int(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    return str(int(number)) if number.is_integer() else str(value).strip()
 
 
 def _label_order(label: str) -> tuple[int, float | str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
-from ftlab.data._io import DataError, Record, require
+from ftlab.data._io import DataError, Record, text
 from ftlab.data.templates import TEMPLATES, render
 from ftlab.losses.lm import IGNORE
 
@@ -73,13 +73,15 @@ class InstructionData(TokenizedData):
         f = self.fields
         where = row.get("_where", "?")
         history = row.get(f["history"]) or []
-        if not isinstance(history, list) or any(not (isinstance(t, list | tuple) and len(t) == 2) for t in history):
-            raise DataError(f"{where}: field {f['history']!r} must be a list of [instruction, response] pairs")
+        if not isinstance(history, list) or any(
+            not (isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t)) for t in history
+        ):
+            raise DataError(f"{where}: field {f['history']!r} must be a list of [instruction, response] text pairs")
         prompt = render(
-            self.template, str(require(row, f["instruction"])), str(row.get(f["input"]) or ""),
-            str(row.get(f["system"]) or ""), [list(map(str, t)) for t in history], self.tokenizer,
+            self.template, text(row, f["instruction"]), text(row, f["input"], required=False),
+            text(row, f["system"], required=False), [list(t) for t in history], self.tokenizer,
         )
-        return prompt, str(require(row, f["output"]))
+        return prompt, text(row, f["output"])
 
     def encode(self, row: Record) -> dict[str, Any]:
         tok = self.tokenizer
@@ -89,13 +91,15 @@ class InstructionData(TokenizedData):
         response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = prompt_ids + response_ids
         labels = list(ids) if self.train_on_prompt else [IGNORE] * len(prompt_ids) + response_ids
-        truncated = len(ids) > self.max_length
+        labels = labels[: self.max_length]
         return {
             "input_ids": ids[: self.max_length],
-            "labels": labels[: self.max_length],
+            "labels": labels,
             "prompt_ids": prompt_ids[-self.max_length:],
             "reference": response,
-            "truncated": truncated,
+            "truncated": len(ids) > self.max_length,
+            # position 0 predicts nothing: a sample needs a label after it to have a loss
+            "no_target": all(t == IGNORE for t in labels[1:]),
         }
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:

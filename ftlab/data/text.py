@@ -13,7 +13,7 @@ from typing import Any
 
 from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
-from ftlab.data._io import Record, require
+from ftlab.data._io import Record, text
 from ftlab.data.instruction import IGNORE
 
 
@@ -60,7 +60,7 @@ class TextData(TokenizedData):
 
     def encode(self, row: Record) -> dict[str, Any]:
         tok = self.tokenizer
-        ids = tok(str(require(row, self.text_field)))["input_ids"] + [tok.eos_token_id]
+        ids = tok(text(row, self.text_field))["input_ids"] + [tok.eos_token_id]
         if self.packing:
             return {"input_ids": ids}
         return {"input_ids": ids[: self.max_length], "truncated": len(ids) > self.max_length}

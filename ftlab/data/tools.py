@@ -32,16 +32,31 @@ def _read(path: str) -> list[Record]:
 
 
 def write_records(rows: list[Record], path: str | Path) -> Path:
-    """Write rows (without their ``_where``) as jsonl, or a json list for a ``.json`` name."""
+    """Write rows (without their ``_where``) as jsonl, or a json list for a ``.json`` name.
+
+    The file is written beside the target and renamed over it when complete: a failure leaves
+    whatever was there before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in r.items() if k != "_where"} for r in rows]
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         if path.suffix == ".json":
             json.dump(clean, f, ensure_ascii=False, indent=1)
         else:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in clean)
+    tmp.replace(path)
     return path
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """``--output`` must not be one of the files the command reads: it would replace the input."""
+    out = getattr(args, "output", None)
+    for name in ("input", "against"):
+        source = getattr(args, name, None)
+        if out and source and Path(out).exists() and Path(source).exists() and Path(out).samefile(source):
+            raise DataError(f"--output {out} is the --{name} file; write the result to another file "
+                            "(the input would be replaced)")
 
 
 def _field_map(pairs: list[str] | None) -> dict[str, str]:
@@ -138,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _check_output(args)
     args.run(args)
 
 

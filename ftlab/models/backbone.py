@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,7 +79,8 @@ class Backbone:
             return byte_tokenizer()
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+        with self._load_errors("tokenizer"):
+            tok = AutoTokenizer.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -92,7 +95,8 @@ class Backbone:
         elif self.name_or_path == "tiny-gpt2":
             cfg = AutoConfig.for_model(**_TINY_GPT2)
         else:
-            cfg = AutoConfig.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+            with self._load_errors("config"):
+                cfg = AutoConfig.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
         for key, value in {**(self.config_overrides or {}), **config_kwargs}.items():
             setattr(cfg, key, value)
         return cfg
@@ -118,10 +122,11 @@ class Backbone:
         elif not self.pretrained:
             model = auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
         else:
-            model = auto.from_pretrained(
-                self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
-                **common, **self.load_kwargs,
-            )
+            with self._load_errors("weights"):
+                model = auto.from_pretrained(
+                    self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
+                    **common, **self.load_kwargs,
+                )
         model.train()  # from_pretrained returns eval mode: dropout would stay off in training
         if self.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and with DDP.
@@ -161,6 +166,19 @@ class Backbone:
                 "or give a local path or an 'org/name' from the Hugging Face hub"
             )
         return self.name_or_path
+
+    @contextmanager
+    def _load_errors(self, what: str) -> Iterator[None]:
+        """transformers' OSError (no network, no such repository, missing files) as one line."""
+        try:
+            yield
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = "local folder" if Path(self.name_or_path).expanduser().exists() else "Hugging Face hub model"
+            hint = "" if where == "local folder" else (
+                "; with no network, give a local folder written by save_pretrained, or a preset "
+                f"({', '.join(PRESETS)})")
+            raise BackboneError(f"cannot load the {what} of {where} {self.name_or_path!r}: {first}{hint}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "load_kwargs"}

@@ -54,11 +54,17 @@ class SequenceClassifier(Objective):
         self.head: nn.Module | None = None
 
     def build(self):
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_labels = int(dm.num_labels) if dm is not None and hasattr(dm, "num_labels") else None
         if self.num_labels is None:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if dm is None or not hasattr(dm, "num_labels"):
+            if data_labels is None:
                 raise ValueError("SequenceClassifier needs num_labels (or a datamodule that has it)")
-            self.num_labels = int(dm.num_labels)
+            self.num_labels = data_labels
+        elif data_labels is not None and data_labels > self.num_labels:
+            raise ValueError(
+                f"model.init_args.num_labels={self.num_labels}, but the data has {data_labels} labels "
+                f"({getattr(dm, 'labels', '?')}); raise num_labels or leave it unset to take the data's"
+            )
         trunk = self.backbone.load("encoder")
         if self.pooling == "auto":
             self.pooling = default_pooling(trunk)

@@ -40,8 +40,9 @@ class AdapterError(ValueError):
 
 
 @contextmanager
-def _atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds, so a
+    failure never leaves a half-written folder over a good one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -91,9 +92,12 @@ def save_adapter(
         "extra": extra or {},
     }
     state = _contiguous(state)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"refusing to write {path}: tensors hold NaN/inf ({', '.join(bad[:3])})")
     if not write:
         return Path(path)
-    with _atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         save_file(state, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
     return Path(path)
@@ -180,7 +184,7 @@ def save_peft_adapter(
         "use_rslora": method.rslora, "target_modules": sorted(names), "fan_in_fan_out": conv1d,
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
     }
-    with _atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         save_file(_contiguous(state), tmp / PEFT_WEIGHTS)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(path)
