@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ftlab.peft._method import count_parameters
-from ftlab.peft._targets import module_patterns
+from ftlab.peft.method import count_parameters
+from ftlab.peft.targets import module_patterns
 
 log = logging.getLogger("ftlab")
 

@@ -4,10 +4,11 @@
     ftlab export --config configs/qlora.yaml --adapter runs/qlora/adapter --out merged/ --dtype bfloat16
 
 The base comes from the run's YAML (``model.init_args.backbone``; without ``--config``, the base
-named in the adapter file). The adapter is applied to a fresh base exactly as in training, folded
-in (LoRA, LongLoRA: ``W0 + s·B A``; QLoRA: ``dequant(Q(W0)) + s·B A``, kept dense; Full: the saved
-tensors), the wrappers are removed, and the model and its tokenizer are written with
-``save_pretrained``. ``AutoModelForCausalLM.from_pretrained(out)`` then gives the adapted model's
+named in the adapter file). The adapter is applied to a fresh base exactly as in training and
+folded in by the method's own ``merge_and_unload`` (LoRA: ``W0 + s·B A``; QLoRA:
+``dequant(Q(W0)) + s·B A``, kept dense; DoRA, IA³: their merged weights; Full: the saved tensors
+are the weights), and the model and its tokenizer are written with ``save_pretrained``. A method
+that cannot be folded (prompt, prefix, bottleneck adapters) is one clear error. ``AutoModelForCausalLM.from_pretrained(out)`` then gives the adapted model's
 logits (for QLoRA those of the 4-bit model, which the adapter was trained against).
 """
 
@@ -42,16 +43,12 @@ def backbone_from_config(path: str | Path):
 
 def merge_into_base(model, method) -> None:
     """Fold ``method`` (already applied and loaded on ``model``) into the base weights, in place."""
-    from ftlab.peft.full import Full
-    from ftlab.peft.lora import LoRA, merge, unwrap
+    from ftlab.peft.method import MethodError
 
-    if hasattr(method, "merge_and_unload"):
+    try:
         method.merge_and_unload(model)
-    elif isinstance(method, LoRA):
-        merge(model, method.adapter_name)
-        unwrap(model)
-    elif not isinstance(method, Full):
-        raise ExportError(f"{type(method).__name__} adds modules that cannot be folded into a plain model")
+    except MethodError as err:
+        raise ExportError(str(err)) from None
 
 
 #: Written into every export: what it was made from, and the mark that ``--out`` may replace it.

@@ -92,7 +92,7 @@ def _curve(run_dir: Path, *args: str, method: str = "LoRA") -> tuple[list[float]
            f"--trainer.default_root_dir={run_dir}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((run_dir / "losses.json").read_text()), load_file(run_dir / "adapter" / "adapter.safetensors")
+    return json.loads((run_dir / "losses.json").read_text()), load_file(run_dir / "version_0" / "adapter" / "adapter.safetensors")
 
 
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,17 +132,17 @@ def test_qlora_under_fsdp_follows_the_single_process_loss_curve(tmp_path):
 def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):
     _fit(tmp_path, "--config", "configs/strategy/ddp.yaml", "--model.init_args.backbone.gradient_checkpointing", "true",
          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
-    state = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    state = load_file(tmp_path / "version_0" / "adapter" / "adapter.safetensors")
     assert state and all(torch.isfinite(v).all() for v in state.values())
     assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # it trained
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+    assert json.loads((tmp_path / "version_0" / "summary.json").read_text())["steps"] == 3
 
 
 def test_fsdp_adapter_only_sharded_checkpoint_resumes_exactly(tmp_path):
     fsdp = ["--config", "configs/strategy/fsdp.yaml", "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
     _fit(tmp_path / "a", *fsdp, "--trainer.callbacks+=ModelCheckpoint",
          "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1")
-    (ckpt,) = (tmp_path / "a" / "checkpoints").glob("*step=3.ckpt")  # mid-epoch: 2 batches per rank and epoch
+    (ckpt,) = (tmp_path / "a" / "version_0" / "checkpoints").glob("*step=3.ckpt")  # mid-epoch: 2 batches per rank and epoch
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
     saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
     tensors = [k for k in saved if k.startswith("state_dict.")]
@@ -151,8 +151,8 @@ def test_fsdp_adapter_only_sharded_checkpoint_resumes_exactly(tmp_path):
 
     done = _fit(tmp_path / "b", *fsdp, "--ckpt_path", str(ckpt))
     assert "Restored all states" in done.stdout + done.stderr
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 5
+    assert json.loads((tmp_path / "b" / "version_0" / "summary.json").read_text())["steps"] == 5
     # the resumed run ends where the uninterrupted one did (adapters gathered from the shards)
-    first = load_file(tmp_path / "a" / "adapter" / "adapter.safetensors")
-    second = load_file(tmp_path / "b" / "adapter" / "adapter.safetensors")
+    first = load_file(tmp_path / "a" / "version_0" / "adapter" / "adapter.safetensors")
+    second = load_file(tmp_path / "b" / "version_0" / "adapter" / "adapter.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -25,7 +25,7 @@ def test_warmup_linear_takes_the_run_length_from_the_trainer(tmp_path, warmup):
     model = CausalLM(Backbone(pretrained=False), LoRA(rank=2, targets=["q_proj"]),
                      optimizer=partial(torch.optim.SGD, lr=1.0), scheduler=partial(WarmupLinear, warmup=warmup),
                      exact_match=False)
-    data = InstructionData(template="alpaca_short", max_length=64, batch_size=4, synthetic_train_size=16,
+    data = InstructionData(template="alpaca_short", max_length=96, batch_size=4, synthetic_train_size=16,
                            synthetic_val_size=4, tokenizer="tiny-llama")
     lrs = RecordLR()
     L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,

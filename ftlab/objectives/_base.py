@@ -18,8 +18,8 @@ from torch import nn
 from ftlab.models.backbone import Backbone
 from ftlab.optim import WarmupLinear
 from ftlab.peft import io
-from ftlab.peft._method import Method
 from ftlab.peft.full import Full
+from ftlab.peft.method import Method, describe
 
 log = logging.getLogger("ftlab")
 
@@ -49,7 +49,7 @@ class Objective(L.LightningModule):
         # Checkpoints hold only what trains (see on_save_checkpoint): load them non-strictly.
         self.strict_loading = False
         self.save_hyperparameters(
-            {"backbone": self.backbone.to_dict(), "method": _describe(self.method), "adapter": adapter}
+            {"backbone": self.backbone.to_dict(), "method": describe(self.method), "adapter": adapter}
         )
 
     # ------------------------------------------------------------------ model
@@ -135,10 +135,16 @@ class Objective(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"{_describe(self.method)['class']} left no trainable parameters")
-        optimizer = self.optimizer_factory(params)
+        # The method's groups (LoRA+ gives B a scaled learning rate), then whatever else trains (heads).
+        groups = [g for g in self.method.param_groups(self.model) if g["params"]]
+        grouped = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in grouped]
+        groups += [{"params": rest}] if rest else []
+        if not groups:
+            raise ValueError(f"{type(self.method).__name__} left no trainable parameters")
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -155,7 +161,3 @@ class Objective(L.LightningModule):
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0))
 
-
-def _describe(method: Any) -> dict[str, Any]:
-    hp = method.hparams() if hasattr(method, "hparams") else {}
-    return {"class": type(method).__name__, **hp}

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from ftlab.losses.lm import masked_lm_loss
 from ftlab.models.backbone import Backbone
 from ftlab.objectives._base import Objective
-from ftlab.peft._method import Method
+from ftlab.peft.method import Method
 
 
 class CausalLM(Objective):

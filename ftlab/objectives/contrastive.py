@@ -27,7 +27,7 @@ from ftlab.losses.contrastive import cosent_loss, cosine_matrix, cosine_regressi
 from ftlab.models.backbone import Backbone
 from ftlab.models.pooling import Pooling, default_pooling, pool
 from ftlab.objectives._base import Objective
-from ftlab.peft._method import Method
+from ftlab.peft.method import Method
 
 Loss = Literal["auto", "infonce", "cosent", "cosine"]
 

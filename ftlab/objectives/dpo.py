@@ -39,9 +39,8 @@ from ftlab.losses.dpo import LossType, dpo_loss, implicit_rewards
 from ftlab.losses.lm import IGNORE
 from ftlab.losses.preference import pairwise_accuracy
 from ftlab.models.backbone import Backbone
-from ftlab.objectives._base import Objective, _describe
-from ftlab.peft._method import Method
-from ftlab.peft.disable import base_model, can_disable
+from ftlab.objectives._base import Objective
+from ftlab.peft.method import Method, can_disable, describe
 
 log = logging.getLogger("ftlab")
 
@@ -100,11 +99,11 @@ class DPO(Objective):
         if self.model is not None:
             return
         super().configure_model()
-        switchable = can_disable(self.model)
+        switchable = can_disable(self.method, self.model)
         if self.reference == "base" and not switchable:
             raise ValueError(
                 f"reference: base needs a method that can be switched off to give the frozen base; "
-                f"{_describe(self.method)['class']} trains the base itself: use reference: precomputed (or auto)"
+                f"{describe(self.method)['class']} trains the base itself: use reference: precomputed (or auto)"
             )
         if self.reference == "auto":
             self.reference = "base" if switchable else "precomputed"
@@ -126,7 +125,7 @@ class DPO(Objective):
     def reference_logps(self, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """log π_ref of the batch's 2B sequences: (2B,), no gradient."""
         if self.reference == "base":
-            with base_model(self.model), _eval_mode(self.model):
+            with self.method.disabled(self.model), _eval_mode(self.model):
                 return self.logps(batch["input_ids"], batch["attention_mask"], labels)
         keys = _pair_keys(batch)
         if any(k not in self._cache for k in keys):

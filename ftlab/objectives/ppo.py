@@ -42,10 +42,9 @@ from ftlab.losses.ppo import (
     masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs,
 )
 from ftlab.models.backbone import Backbone
-from ftlab.objectives._base import Objective, _describe
+from ftlab.objectives._base import Objective
 from ftlab.peft import io
-from ftlab.peft._method import Method
-from ftlab.peft.disable import base_model, can_disable
+from ftlab.peft.method import Method, can_disable, describe
 
 
 class PPO(Objective):
@@ -150,10 +149,10 @@ class PPO(Objective):
         if self.model is not None:
             return
         super().configure_model()
-        if not can_disable(self.model):
+        if not can_disable(self.method, self.model):
             raise ValueError(
                 f"PPO's reference policy is the frozen base with the method switched off, which "
-                f"{_describe(self.method)['class']} cannot do (parameters of the base itself train): use a method "
+                f"{describe(self.method)['class']} cannot do (parameters of the base itself train): use a method "
                 "that adds modules beside a frozen base (LoRA, QLoRA, Adapter, PrefixTuning, PromptTuning)"
             )
         if self.reward_model_path:
@@ -249,7 +248,7 @@ class PPO(Objective):
             for s in range(0, n, self.chunk_size):
                 c = slice(s, s + self.chunk_size)
                 lp, v, logits = self._response_stats(seq[c], mask[c], responses[c], P)
-                with base_model(self.model):
+                with self.method.disabled(self.model):
                     ref, _, _ = self._response_stats(seq[c], mask[c], responses[c], P)
                 logprobs.append(lp), values.append(v), ref_logprobs.append(ref)
                 entropy.append(entropy_from_logits(logits))

@@ -19,7 +19,7 @@ from ftlab.losses.preference import bradley_terry_loss, pairwise_accuracy
 from ftlab.models.backbone import Backbone
 from ftlab.models.pooling import Pooling, default_pooling, pool
 from ftlab.objectives._base import Objective
-from ftlab.peft._method import Method
+from ftlab.peft.method import Method
 
 
 class RewardModel(Objective):

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ftlab.models.backbone import Backbone
 from ftlab.models.pooling import Pooling, default_pooling, pool
 from ftlab.objectives._base import Objective
-from ftlab.peft._method import Method
+from ftlab.peft.method import Method
 
 
 class SequenceClassifier(Objective):

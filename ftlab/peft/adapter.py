@@ -21,14 +21,14 @@ adapters train (Houlsby's paper also tunes the layer norms; that is left to ``Fu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ftlab.peft._method import freeze, trainable_state_dict
-from ftlab.peft._targets import _LAYER_RE, TargetError, num_layers, select_layers, set_submodule
+from ftlab.peft.method import Method, freeze
+from ftlab.peft.targets import LAYER_RE, TargetError, num_layers, select_layers, set_submodule
 
 Placement = Literal["houlsby", "pfeiffer"]
 Activation = Literal["relu", "gelu", "tanh", "silu"]
@@ -75,7 +75,7 @@ def find_sublayers(model: nn.Module) -> tuple[str, dict[int, dict[str, str]]]:
     projections. Raises ``TargetError`` naming the expected structures for an unknown model."""
     relative: dict[str, list[tuple[int, str]]] = {}
     for name, _ in model.named_modules():
-        found = _LAYER_RE.search(name)
+        found = LAYER_RE.search(name)
         if found and found.end() < len(name):
             relative.setdefault(name[found.end():], []).append((int(found.group(1)), name))
     n = num_layers(model)
@@ -90,7 +90,7 @@ def find_sublayers(model: nn.Module) -> tuple[str, dict[int, dict[str, str]]]:
     )
 
 
-class Adapter:
+class Adapter(Method):
     """Bottleneck adapters in chosen blocks; the backbone stays frozen.
 
     Args:
@@ -148,9 +148,6 @@ class Adapter:
                 adapter = BottleneckAdapter(model.get_submodule(name), hidden, size, self.activation)
                 set_submodule(model, name, adapter)
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
-
     def hparams(self) -> dict[str, Any]:
         return dict(placement=self.placement, reduction_factor=self.reduction_factor,
                     bottleneck_size=self.bottleneck_size, activation=self.activation, layers=self.layers)
@@ -159,6 +156,9 @@ class Adapter:
         """The formula ``n_adapters · (2 · H · b + b + H)``."""
         return sum(2 * m.up.out_features * m.down.out_features + m.down.out_features + m.up.out_features
                    for m in adapter_layers(model))
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
+        return disable_adapters(model)
 
 
 # ---------------------------------------------------------------------------------- functions

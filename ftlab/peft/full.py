@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ftlab.peft._method import trainable_state_dict
-from ftlab.peft._targets import find_targets, layer_index, select_layers, num_layers
+from ftlab.peft.method import Method
+from ftlab.peft.targets import find_targets, layer_index, num_layers, select_layers
 
 
-class Full:
+class Full(Method):
     """Train the whole backbone.
 
     Args:
@@ -29,19 +28,28 @@ class Full:
         self.freeze_modules = list(freeze_modules or [])
 
     def apply(self, model: nn.Module) -> None:
+        frozen = self._frozen(model)
         for p in model.parameters():
-            p.requires_grad_(True)
-        if self.freeze_layers is not None:
-            frozen = select_layers(self.freeze_layers, num_layers(model))
-            for name, p in model.named_parameters():
-                if layer_index(name) in frozen:
-                    p.requires_grad_(False)
-        for pattern in self.freeze_modules:
-            for _, module in find_targets(model, pattern, kinds=(nn.Module,)):
-                module.requires_grad_(False)
+            p.requires_grad_(id(p) not in frozen)
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
+    def _frozen(self, model: nn.Module) -> set[int]:
+        """ids of the parameters kept frozen: those of the chosen blocks and modules."""
+        frozen = set()
+        if self.freeze_layers is not None:
+            blocks = select_layers(self.freeze_layers, num_layers(model))
+            frozen |= {id(p) for name, p in model.named_parameters() if layer_index(name) in blocks}
+        for pattern in self.freeze_modules:
+            frozen |= {id(p) for _, module in find_targets(model, pattern, kinds=(nn.Module,))
+                       for p in module.parameters()}
+        return frozen
 
     def hparams(self) -> dict[str, Any]:
         return {"freeze_layers": self.freeze_layers, "freeze_modules": self.freeze_modules}
+
+    def num_parameters(self, model: nn.Module) -> int:
+        """Every parameter of the model but the frozen blocks and modules (shared tensors once)."""
+        frozen = self._frozen(model)
+        return sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+
+    def merge_and_unload(self, model: nn.Module) -> None:
+        """Nothing to fold: the trained weights are the model's own."""

@@ -1,12 +1,13 @@
-"""Adapter files: ftlab's own format, and PEFT's LoRA format both ways.
+"""Adapter files: ftlab's own format for every method, and PEFT's format both ways.
 
-ftlab format (a directory):
-    adapter.safetensors   the method's tensors (``method.state_dict(model)``)
-    adapter.json          {"format": "ftlab-adapter", "method": "<import path>", "init_args": {...},
+ftlab format (a directory), written and read through the method protocol:
+    adapter.safetensors   the method's tensors (``method.state_dict(model)``; ``load_state_dict`` reads them)
+    adapter.json          {"format": "ftlab-adapter", "method": "<import path>", "init_args": method.hparams(),
                            "base": <backbone fingerprint>, "extra": {...}}
 
-PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_{A,B}.weight`` — what ``peft.PeftModel.from_pretrained`` reads.
+PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys such as
+``base_model.model.<module>.lora_A.weight``) — what ``peft.PeftModel.from_pretrained`` reads. The
+methods that have one (``ftlab.peft.method.PEFT_FORMATS``: LoRA, DoRA) convert themselves.
 
 Writes go to a temporary directory first and replace the target only when complete, so a
 failure never leaves a half-written adapter over a good one.
@@ -18,6 +19,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,12 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ftlab.peft._method import Method
-from ftlab.peft.lora import LoRA, LoRALinear, _is_conv1d, adapter_state_dict, load_adapter_state_dict
+from ftlab.peft.method import PEFT_FORMATS, Method, MethodError
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 
 
 class AdapterError(ValueError):
@@ -116,11 +116,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
 
 
 def build_method(meta: dict[str, Any]) -> Method:
-    """Instantiate the method an adapter config names (ftlab.peft classes only)."""
+    """Instantiate the method an adapter config names, from its import path and ``init_args``.
+
+    Only code that is already trusted is run: a class under ``ftlab.`` or in a module this process
+    has already imported (a method of your own, imported by your config or script). An adapter file
+    never makes ftlab import a module it names.
+    """
     module_name, _, cls_name = meta["method"].rpartition(".")
-    if not module_name.startswith("ftlab."):
-        raise AdapterError(f"adapter names method {meta['method']!r}, which is not an ftlab method")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    if not module_name.startswith("ftlab.") and module_name not in sys.modules:
+        raise AdapterError(f"adapter names method {meta['method']!r}, which is neither an ftlab method nor in a "
+                           "module this process has imported; import it first")
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise AdapterError(f"adapter names method {meta['method']!r}, which is not a method class")
     return cls(**meta["init_args"])
 
 
@@ -147,79 +155,46 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, base: dict[str, Any]
     method = build_method(meta)
     method.apply(model)
     extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
-    load_method_state(model, method, {k: v for k, v in state.items() if not k.startswith("extra.")})
+    try:
+        method.load_state_dict(model, {k: v for k, v in state.items() if not k.startswith("extra.")})
+    except (MethodError, KeyError, ValueError) as err:
+        raise AdapterError(f"{path}: {err.args[0] if err.args else err}") from None
     return method, extra
-
-
-def load_method_state(model: nn.Module, method: Method, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of ``method.state_dict``: LoRA tensors by adapter, the rest by parameter name."""
-    if isinstance(method, LoRA):
-        lora = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
-        load_adapter_state_dict(model, lora, method.adapter_name)
-        state = {k: v for k, v in state.items() if k not in lora}
-    if state:
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise AdapterError(f"adapter tensors with no place in this model: {result.unexpected_keys[:5]}")
 
 
 # ------------------------------------------------------------------------------- PEFT format
 def save_peft_adapter(
-    path: str | os.PathLike, model: nn.Module, method: LoRA, base_model_name_or_path: str,
+    path: str | os.PathLike, model: nn.Module, method: Method, base_model_name_or_path: str,
     task_type: str = "CAUSAL_LM",
 ) -> Path:
-    """Write ``method``'s adapter in PEFT's LoRA format."""
-    if method.trainable:
-        raise AdapterError("PEFT export supports LoRA matrices only; this LoRA also trains " f"{method.trainable}")
-    state, names, conv1d = {}, [], False
-    for key, value in adapter_state_dict(model, method.adapter_name).items():
-        module_name, _, part = key.rpartition(".")
-        state[f"{_PEFT_PREFIX}{module_name}.{part}.weight"] = value
-        if part == "lora_A":
-            names.append(module_name)
-            conv1d |= _is_conv1d(model.get_submodule(module_name).base)
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": method.rank, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-        "use_rslora": method.rslora, "target_modules": sorted(names), "fan_in_fan_out": conv1d,
-        "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-    }
+    """Write ``method``'s adapter in PEFT's format (methods that implement ``to_peft``: LoRA, DoRA)."""
+    if not hasattr(method, "to_peft"):
+        formats = ", ".join(c.__name__ for c in PEFT_FORMATS)
+        raise AdapterError(f"{type(method).__name__} has no PEFT format (methods with one: {formats})")
+    try:
+        config, tensors = method.to_peft(model)
+    except MethodError as err:
+        raise AdapterError(str(err)) from None
+    config = {**config, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+              "inference_mode": True}
     with atomic_dir(path) as tmp:
-        save_file(_contiguous(state), tmp / PEFT_WEIGHTS)
+        save_file(_contiguous(tensors), tmp / PEFT_WEIGHTS)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(path)
 
 
-def load_peft_adapter(path: str | os.PathLike, model: nn.Module, adapter_name: str = "default") -> LoRA:
-    """Read a PEFT LoRA adapter onto ``model`` (a fresh base); returns the equivalent ``LoRA``."""
+def load_peft_adapter(path: str | os.PathLike, model: nn.Module, adapter_name: str = "default") -> Method:
+    """Read a PEFT adapter onto ``model`` (a fresh base) with the method that reads its config."""
     path = Path(path)
     if not (path / PEFT_CONFIG).exists():
         raise AdapterError(f"{path} is not a PEFT adapter: {PEFT_CONFIG} is missing")
-    cfg = json.loads((path / PEFT_CONFIG).read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{path / PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise AdapterError(f"{path / PEFT_CONFIG}: per-module {key} is not supported")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"{path / PEFT_CONFIG}: DoRA adapters are not supported")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"{path / PEFT_CONFIG}: modules_to_save is not supported")
-    raw = load_file(path / PEFT_WEIGHTS)
-    state = {}
-    for key, value in raw.items():
-        if not (key.startswith(_PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise AdapterError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key}")
-        state[key[len(_PEFT_PREFIX):-len(".weight")]] = value
-    modules = sorted({k.rpartition(".")[0] for k in state})
-    method = LoRA(
-        rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-        targets=modules, rslora=bool(cfg.get("use_rslora")), adapter_name=adapter_name,
-    )
-    method.apply(model)
-    load_adapter_state_dict(model, state, adapter_name)
-    return method
-
-
-def is_lora_model(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    config = json.loads((path / PEFT_CONFIG).read_text())
+    cls = next((c for c in reversed(PEFT_FORMATS) if c.reads_peft(config)), None)
+    if cls is None:
+        kind = config.get("peft_type") + (" with use_dora" if config.get("use_dora") else "")
+        raise AdapterError(f"{path / PEFT_CONFIG}: peft_type {kind!r} is not a format ftlab reads "
+                           f"({', '.join(c.__name__ for c in PEFT_FORMATS)} do)")
+    try:
+        return cls.from_peft(config, load_file(path / PEFT_WEIGHTS), model, adapter_name)
+    except (MethodError, KeyError) as err:
+        raise AdapterError(f"{path}: {err.args[0] if err.args else err}") from None

@@ -36,6 +36,7 @@ the sequence is an error.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftlab.peft.lora import LoRA, merge, unwrap
+from ftlab.peft.lora import LoRA
+from ftlab.peft.method import MethodError
 
 NAME = "ftlab_s2attn"
 
@@ -66,6 +68,7 @@ class LongLoRA(LoRA):
         targets: Module-name patterns to adapt (the paper: the four attention projections).
         layers: Which transformer blocks get LoRA (null: all; indices, ``"a-b"``, ``"top:k"``...).
         rslora: Rank-stabilised scaling ``alpha / sqrt(rank)``.
+        init: How A and B start (``kaiming``, ``gaussian``, ``pissa``, ``olora``; see ``ftlab.peft.lora_init``).
         adapter_name: Name of the adapter this method creates.
         adapter_dtype: Adapter dtype; null uses the base layer's dtype.
         trainable: Extra module-name patterns to train fully.
@@ -85,6 +88,7 @@ class LongLoRA(LoRA):
         targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],  # noqa: B006
         layers: list[int] | str | None = None,
         rslora: bool = False,
+        init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming",
         adapter_name: str = "default",
         adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         trainable: list[str] | None = None,
@@ -94,7 +98,8 @@ class LongLoRA(LoRA):
         train_embeddings: bool = True,
         train_norms: bool = True,
     ):
-        super().__init__(rank, alpha, dropout, targets, layers, rslora, adapter_name, adapter_dtype, trainable)
+        super().__init__(rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, rslora=rslora,
+                         init=init, adapter_name=adapter_name, adapter_dtype=adapter_dtype, trainable=trainable)
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
         self.group_size, self.shift, self.pad_to_group = group_size, shift, pad_to_group
@@ -102,11 +107,8 @@ class LongLoRA(LoRA):
 
     def apply(self, model: nn.Module) -> None:
         super().apply(model)
-        if self.train_embeddings:
-            model.get_input_embeddings().requires_grad_(True)
-        if self.train_norms:
-            for m in norm_layers(model):
-                m.requires_grad_(True)
+        for m in self._unfrozen(model):
+            m.requires_grad_(True)
         enable_s2attn(model, self.group_size, self.shift, self.pad_to_group)
 
     def hparams(self) -> dict[str, Any]:
@@ -115,10 +117,26 @@ class LongLoRA(LoRA):
             train_embeddings=self.train_embeddings, train_norms=self.train_norms,
         )
 
+    def num_parameters(self, model: nn.Module) -> int:
+        """LoRA's ``r · (in + out)`` per adapted layer, plus the embeddings and norms it unfreezes."""
+        unfrozen = {id(p): p.numel() for m in self._unfrozen(model) for p in m.parameters()}
+        return super().num_parameters(model) + sum(unfrozen.values())
+
+    def _unfrozen(self, model: nn.Module) -> list[nn.Module]:
+        return ([model.get_input_embeddings()] if self.train_embeddings else []) + (
+            norm_layers(model) if self.train_norms else [])
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
+        trained = [name for name, on in (("train_embeddings", self.train_embeddings), ("train_norms", self.train_norms))
+                   if on]
+        if trained:
+            raise MethodError(f"LongLoRA with {' and '.join(trained)} trains the base itself, so switching the "
+                              "adapters off does not give the frozen base; set them false for a reference policy")
+        return super().disabled(model)
+
     def merge_and_unload(self, model: nn.Module) -> None:
         """Fold LoRA into the weights, drop the wrappers and restore the original attention."""
-        merge(model, self.adapter_name)
-        unwrap(model)
+        super().merge_and_unload(model)
         disable_s2attn(model)
 
 

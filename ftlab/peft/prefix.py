@@ -25,15 +25,15 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftlab.peft._method import freeze, trainable_state_dict
-from ftlab.peft._targets import TargetError, layer_index, num_layers, select_layers
+from ftlab.peft.method import Method, freeze
+from ftlab.peft.targets import TargetError, layer_index, num_layers, select_layers
 
 ATTR = "ftlab_prefix"  # the prefix module's name on the model
 IMPLEMENTATION = "ftlab_prefix"  # the attention implementation name the prefixed layers use
@@ -196,7 +196,7 @@ def _kv_shape(module: nn.Module) -> tuple[int, int]:
     return int(heads), int(head_dim)
 
 
-class PrefixTuning:
+class PrefixTuning(Method):
     """Trainable key/value prefixes in every chosen attention layer; the backbone stays frozen.
 
     Args:
@@ -274,9 +274,6 @@ class PrefixTuning:
         prefix_module(model).fold()
         self.reparameterize, self.projection_dim, self.init = False, None, "random"
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
-
     def hparams(self) -> dict[str, Any]:
         return dict(num_virtual_tokens=self.num_virtual_tokens, layers=self.layers,
                     reparameterize=self.reparameterize, projection_dim=self.projection_dim, init=self.init)
@@ -289,6 +286,10 @@ class PrefixTuning:
             return out * e.length
         hidden, proj = e.embedding.size(1), e.down.out_features
         return e.length * hidden + hidden * proj + proj + proj * out + out
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
+        prefix_module(model)  # raises now if there is none
+        return disable_prefix(model)
 
 
 def _real_token_prefix(model: nn.Module, slots: list[_Slot], n: int) -> torch.Tensor:

@@ -22,13 +22,13 @@ positions by P. (BERT's ``pooler_output`` reads position 0, which is then a virt
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ftlab.peft._method import freeze, trainable_state_dict
+from ftlab.peft.method import Method, freeze
 
 ATTR = "ftlab_prompt"  # the prompt module's name on the model
 _CACHED = "_ftlab_prompt_tokens"  # set on a cache object that holds the prompt
@@ -128,7 +128,7 @@ def _extend(kwargs: dict[str, Any], n: int, prepend_positions: bool) -> None:
         kwargs["labels"] = torch.cat([labels.new_full((labels.size(0), n), -100), labels], dim=1)
 
 
-class PromptTuning:
+class PromptTuning(Method):
     """A learnable soft prompt in front of the input; the whole backbone stays frozen.
 
     Args:
@@ -201,9 +201,6 @@ class PromptTuning:
             raise ValueError(f"init_text {self.init_text!r} has no tokens")
         return list(ids)
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
-
     def hparams(self) -> dict[str, Any]:
         return dict(num_virtual_tokens=self.num_virtual_tokens, init=self.init, init_text=self.init_text,
                     tokenizer=self.tokenizer)
@@ -211,6 +208,10 @@ class PromptTuning:
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``P · H`` (H: the input embedding width)."""
         return prompt_module(model).num_virtual_tokens * model.get_input_embeddings().weight.size(1)
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
+        prompt_module(model)  # raises now if there is none
+        return disable_prompt(model)
 
 
 # ---------------------------------------------------------------------------------- functions

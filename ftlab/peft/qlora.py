@@ -44,14 +44,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ftlab.peft._targets import find_targets, set_submodule
-from ftlab.peft.lora import LoRA, _is_4bit, _is_conv1d, _linear_kinds, lora_layers, unwrap
+from ftlab.peft.layers import dense_weight, is_4bit, is_conv1d, linear_kinds
+from ftlab.peft.lora import LoRA, lora_layers, unwrap
 from ftlab.peft.lora import merge as lora_merge
+from ftlab.peft.targets import find_targets, set_submodule
 
 log = logging.getLogger("ftlab")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-PIP_HINT = "QLoRA needs bitsandbytes: pip install 'bitsandbytes>=0.45' (or pip install 'ftlab[qlora]')"
+PIP_HINT = "QLoRA needs bitsandbytes (a dependency of ftlab): pip install 'bitsandbytes>=0.45'"
 
 
 class QuantizationError(ValueError):
@@ -98,6 +99,8 @@ class QLoRA(LoRA):
             in the paper).
         layers: Which transformer blocks get LoRA (null: all; indices, ``"a-b"``, ``"top:k"``...).
         rslora: Rank-stabilised scaling ``alpha / sqrt(rank)``.
+        init: How A and B start (``kaiming``, ``gaussian``, ``pissa``, ``olora``; see
+            ``ftlab.peft.lora_init``). PiSSA/OLoRA quantize the residual ``W0 - s·B A``.
         adapter_name: Name of the adapter this method creates.
         adapter_dtype: Adapter dtype; null uses the 4-bit layers' compute dtype.
         trainable: Extra module-name patterns to train fully (e.g. ``lm_head``).
@@ -121,6 +124,7 @@ class QLoRA(LoRA):
         targets: list[str] = ["all-linear"],  # noqa: B006 - jsonargparse needs a literal default
         layers: list[int] | str | None = None,
         rslora: bool = False,
+        init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming",
         adapter_name: str = "default",
         adapter_dtype: Dtype | None = None,
         trainable: list[str] | None = None,
@@ -132,7 +136,8 @@ class QLoRA(LoRA):
         quantize: list[str] = ["all-linear"],  # noqa: B006
         keep_dense: list[str] = ["lm_head", "score", "classifier"],  # noqa: B006
     ):
-        super().__init__(rank, alpha, dropout, targets, layers, rslora, adapter_name, adapter_dtype, trainable)
+        super().__init__(rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, rslora=rslora,
+                         init=init, adapter_name=adapter_name, adapter_dtype=adapter_dtype, trainable=trainable)
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
         if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
@@ -179,7 +184,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of every linear layer's weight in ``model`` (dense, 4-bit or GPT-2 ``Conv1D``)."""
     seen, total = set(), 0
     for m in model.modules():
-        if isinstance(m, _linear_kinds()) and id(m.weight) not in seen:
+        if isinstance(m, linear_kinds()) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += weight_bytes(m)
     return total
@@ -201,16 +206,16 @@ def quantize(
     them would untie them. Already quantized layers are kept (and made safe for CPU training).
     """
     bnb = bitsandbytes()
-    existing = [m for m in model.modules() if _is_4bit(m)]
+    existing = [m for m in model.modules() if is_4bit(m)]
     for m in existing:
         m.support_avx512bf16_for_cpu = False
-    dense = [(n, m) for n, m in model.named_modules() if isinstance(m, _linear_kinds()) and not _is_4bit(m)]
+    dense = [(n, m) for n, m in model.named_modules() if isinstance(m, linear_kinds()) and not is_4bit(m)]
     if not dense and not existing:
         kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         raise QuantizationError(
             f"QLoRA found no linear layers to quantize in {type(model).__name__} (leaf modules: {', '.join(kinds)})"
         )
-    chosen = {n for n, _ in find_targets(model, targets, kinds=_linear_kinds())}
+    chosen = {n for n, _ in find_targets(model, targets, kinds=linear_kinds())}
     chosen -= {n for p in keep_dense for n, _ in _matching(model, p)}
     shared = _shared_weights(model)
     todo = []
@@ -250,7 +255,7 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 def _to_4bit(bnb, module: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype | None,
              quant_storage: torch.dtype, blocksize: int) -> nn.Module:
-    conv1d = _is_conv1d(module)
+    conv1d = is_conv1d(module)
     w = module.weight.detach()
     w = w.T if conv1d else w  # (out, in): Linear4bit's layout
     out_f, in_f = w.shape
@@ -270,21 +275,6 @@ def _to_4bit(bnb, module: nn.Module, quant_type: str, double_quant: bool, comput
     return q
 
 
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The dense (out, in) weight a ``Linear4bit`` computes with."""
-    import bitsandbytes.functional as bnbf
-
-    w, qs = module.weight, module.weight.quant_state
-    data = w.data
-    if getattr(qs, "packing_format_for_cpu", False):  # repacked for CPU inference: undo it first
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
-        w.data, w.quant_state = data, qs
-        module.quant_state = qs
-    return bnbf.dequantize_4bit(data, qs)
-
-
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every ``Linear4bit`` by a frozen dense layer (``nn.Linear``, or ``Conv1D`` where it
     was one) holding its dequantized weight in ``dtype`` (default: the dtype it was quantized from).
@@ -293,9 +283,9 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """
     names = []
     for name, m in list(model.named_modules()):
-        if not _is_4bit(m):
+        if not is_4bit(m):
             continue
-        w = dequantize_weight(m)  # (out, in)
+        w = dense_weight(m)  # (out, in)
         w = w.to(dtype or w.dtype)
         if getattr(m, "ftlab_conv1d", False):
             from transformers.pytorch_utils import Conv1D
@@ -323,7 +313,7 @@ def merge(model: nn.Module, name: str | None = None, requantize: bool = False) -
     """
     settings = {}
     for n, m in model.named_modules():
-        if _is_4bit(m):
+        if is_4bit(m):
             w = m.weight
             settings[n.removesuffix(".base")] = dict(
                 quant_type=w.quant_type, double_quant=w.compress_statistics, compute_dtype=m.compute_dtype,

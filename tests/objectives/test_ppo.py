@@ -69,12 +69,10 @@ def test_reward_rises_while_kl_stays_bounded_and_the_reference_is_the_frozen_bas
 
 def _stats(model, ro):
     """(policy, frozen-base, reference-through-the-switch) log-probs of a rollout's tokens."""
-    from ftlab.peft.disable import base_model
-
     model.eval()
     with torch.no_grad():
         policy, _, _ = model._response_stats(ro["seq"], ro["mask"], ro["responses"], ro["prompt_len"])
-        with base_model(model.model):
+        with model.method.disabled(model.model):
             ref, _, _ = model._response_stats(ro["seq"], ro["mask"], ro["responses"], ro["prompt_len"])
     m = ro["response_mask"].bool()
     return policy * m, policy * m, ref * m

@@ -1,4 +1,4 @@
-"""Adapter files: ftlab's format (base checks, atomic writes) and PEFT's LoRA format both ways."""
+"""Adapter files: ftlab's format (base checks, atomic writes) and PEFT's LoRA and DoRA formats both ways."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from ftlab.models.backbone import Backbone
-from ftlab.peft import LoRA, LoRALinear
+from ftlab.peft import DoRA, LoRA, LoRALinear, PromptTuning
 from ftlab.peft import io as adapter_io
 from ftlab.peft.io import (
-    PEFT_CONFIG, PEFT_WEIGHTS, AdapterError, is_lora_model, load_adapter, load_peft_adapter, save_adapter,
-    save_peft_adapter,
+    PEFT_CONFIG, PEFT_WEIGHTS, AdapterError, load_adapter, load_peft_adapter, save_adapter, save_peft_adapter,
 )
 from ftlab.peft.lora import adapter_state_dict, lora_layers
 
@@ -26,6 +25,10 @@ ARCHS = [
     ("tiny-llama", ["q_proj", "v_proj"], ["q_proj", "v_proj"], False),
     ("tiny-gpt2", ["c_attn", "mlp.c_fc"], ["c_attn", "c_fc"], True),
 ]
+
+
+def is_lora_model(model) -> bool:
+    return any(True for _ in lora_layers(model))
 
 
 def output(model, ids):
@@ -51,14 +54,17 @@ def assert_differs(a, b):
 
 
 # ------------------------------------------------------------------------------- PEFT interop
-@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
+VARIANTS = [(LoRA, False, False), (LoRA, True, False), (DoRA, False, True)]  # (class, rslora, DoRA?)
+
+
+@pytest.mark.parametrize("cls, rslora, dora", VARIANTS, ids=["lora", "rslora", "dora"])
 @pytest.mark.parametrize("arch", ARCHS, ids=[a[0] for a in ARCHS])
-def test_ftlab_to_peft(arch, rslora, make_model, make_batch, tmp_path):
+def test_ftlab_to_peft(arch, cls, rslora, dora, make_model, make_batch, tmp_path):
     name, targets, _, conv1d = arch
     model = make_model(name)
     ids = make_batch(model)
     base_out = output(model, ids)
-    method = LoRA(rank=4, alpha=8, targets=targets, rslora=rslora)
+    method = cls(rank=4, alpha=8, targets=targets, rslora=rslora)
     method.apply(model)
     randomize(model.named_parameters())
     ours = output(model, ids)
@@ -67,12 +73,13 @@ def test_ftlab_to_peft(arch, rslora, make_model, make_batch, tmp_path):
     path = save_peft_adapter(tmp_path / "peft", model, method, name)
     assert sorted(p.name for p in path.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS]
     cfg = json.loads((path / PEFT_CONFIG).read_text())
-    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == ("LORA", 4, 8, rslora)
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["use_dora"]) == (
+        "LORA", 4, 8, rslora, dora)
     assert cfg["fan_in_fan_out"] is conv1d
     keys = load_file(path / PEFT_WEIGHTS)
-    assert len(keys) == 2 * len(list(lora_layers(model)))
+    assert len(keys) == (3 if dora else 2) * len(list(lora_layers(model)))
     assert all(k.startswith("base_model.model.") for k in keys)
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")) for k in keys)
 
     theirs_model = peft.PeftModel.from_pretrained(make_model(name), str(path))
     theirs = output(theirs_model, ids)
@@ -81,25 +88,30 @@ def test_ftlab_to_peft(arch, rslora, make_model, make_batch, tmp_path):
         torch.testing.assert_close(output(theirs_model, ids), base_out, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
+@pytest.mark.parametrize("cls, rslora, dora", VARIANTS, ids=["lora", "rslora", "dora"])
 @pytest.mark.parametrize("arch", ARCHS, ids=[a[0] for a in ARCHS])
-def test_peft_to_ftlab(arch, rslora, make_model, make_batch, tmp_path):
+def test_peft_to_ftlab(arch, cls, rslora, dora, make_model, make_batch, tmp_path):
     name, _, peft_targets, conv1d = arch
     base = make_model(name)
     ids = make_batch(base)
     base_out = output(base, ids)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=peft_targets, fan_in_fan_out=conv1d, use_rslora=rslora,
+        r=4, lora_alpha=8, target_modules=peft_targets, fan_in_fan_out=conv1d, use_rslora=rslora, use_dora=dora,
     )
     theirs_model = peft.get_peft_model(base, config)
     randomize(theirs_model.named_parameters(), seed=1)
+    if dora:  # magnitudes away from the weight norms, so a magnitude loaded wrong shows
+        with torch.no_grad():
+            for n, p in theirs_model.named_parameters():
+                if "lora_magnitude" in n:
+                    p.mul_(1.5)
     theirs = output(theirs_model, ids)
     assert_differs(theirs, base_out)
     theirs_model.save_pretrained(str(tmp_path / "peft"))
 
     fresh = make_model(name)
     method = load_peft_adapter(tmp_path / "peft", fresh)
-    assert (method.rank, method.alpha, method.rslora) == (4, 8.0, rslora)
+    assert type(method) is cls and (method.rank, method.alpha, method.rslora) == (4, 8.0, rslora)
     assert is_lora_model(fresh)
     assert len(list(lora_layers(fresh))) == len(peft_targets) * fresh.config.num_hidden_layers
     torch.testing.assert_close(output(fresh, ids), theirs, atol=1e-5, rtol=1e-5)
@@ -132,8 +144,9 @@ def test_peft_export_refuses_extra_trainable_modules(make_model, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"peft_type": "IA3"}, "is not LORA"),
-        ({"use_dora": True}, "DoRA"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not a format ftlab reads"),
+        ({"use_dora": True}, "DoRA adapter lacks tensors"),
+        ({"init_lora_weights": "pissa"}, "holds a rewritten base"),
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
         ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
@@ -209,9 +222,20 @@ def test_wrong_format_and_foreign_method(make_model, tmp_path):
     (path / "adapter.json").write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(AdapterError, match="not an ftlab adapter config"):
         load_adapter(path, make_model("tiny-llama"), fp)
-    (path / "adapter.json").write_text(json.dumps({**meta, "method": "os.system"}))
-    with pytest.raises(AdapterError, match="not an ftlab method"):
+    (path / "adapter.json").write_text(json.dumps({**meta, "method": "os.system"}))  # imported, but no method
+    with pytest.raises(AdapterError, match="not a method class"):
         load_adapter(path, make_model("tiny-llama"), fp)
+    (path / "adapter.json").write_text(json.dumps({**meta, "method": "somewhere.unimported.Method"}))
+    with pytest.raises(AdapterError, match="nor in a module this process has imported"):
+        load_adapter(path, make_model("tiny-llama"), fp)
+
+
+def test_a_method_without_a_peft_format_says_so(make_model, tmp_path):
+    model = make_model("tiny-llama")
+    method = PromptTuning(num_virtual_tokens=2)
+    method.apply(model)
+    with pytest.raises(AdapterError, match="PromptTuning has no PEFT format"):
+        save_peft_adapter(tmp_path / "p", model, method, "tiny-llama")
 
 
 # ------------------------------------------------------------------------------- atomic writes

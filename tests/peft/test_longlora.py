@@ -1,5 +1,5 @@
-"""LongLoRA: S²-Attn against full attention, the shift pattern by hand, causality, padding, errors,
-and the method's invariants on tiny-llama (eval = full attention, what trains, save/load, merge).
+"""LongLoRA beyond the invariant table: S²-Attn against full attention, the shift pattern by hand,
+causality, padding, errors, eval = full attention, what trains.
 
 Which keys a query sees is read off the output: with ``q = k = 0`` every allowed key gets the same
 positive weight, and with ``v = I`` (one-hot per position) output row ``i`` is nonzero exactly at
@@ -12,11 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftlab.models.backbone import Backbone
 from ftlab.peft import LongLoRA, count_parameters
-from ftlab.peft.io import load_adapter, save_adapter
 from ftlab.peft.longlora import NAME, shifted_sparse_attention
-from ftlab.peft.lora import lora_layers
 
 
 def pattern(T: int, G: int, H: int = 2, shift: bool = True, random_qk: bool = False) -> torch.Tensor:
@@ -193,9 +190,8 @@ def test_what_trains_and_gets_gradients(make_model, make_batch, train_embeddings
     perturb(model)
     model.train()
     logits(model, make_batch(model, length=24)).pow(2).mean().backward()
-    expected = method.num_parameters(model) + train_embeddings * 259 * 128 + train_norms * (2 * 4 * 128 + 128)
-    assert method.num_parameters(model) == 4 * 4 * 4 * (128 + 128)
-    assert count_parameters(model)[0] == expected
+    expected = 4 * 4 * 4 * (128 + 128) + train_embeddings * 259 * 128 + train_norms * (2 * 4 * 128 + 128)
+    assert method.num_parameters(model) == count_parameters(model)[0] == expected
     for n, p in model.named_parameters():
         assert p.requires_grad == ("lora_" in n or (train_embeddings and "embed_tokens" in n)
                                    or (train_norms and "norm" in n)), n
@@ -219,31 +215,6 @@ def test_training_step_lowers_loss(make_model, make_batch):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
-
-
-def test_save_load_and_merge(make_model, make_batch, tmp_path):
-    model = make_model("tiny-llama")
-    ids = make_batch(model, length=24)
-    method = LongLoRA(rank=4, group_size=8)
-    method.apply(model)
-    perturb(model)
-    with torch.no_grad():
-        adapted = logits(model, ids)
-    fp = Backbone("tiny-llama", pretrained=False).fingerprint(model)
-    path = save_adapter(tmp_path / "a", model, method, fp)
-    fresh = make_model("tiny-llama")
-    loaded, _ = load_adapter(path, fresh, fp)
-    assert type(loaded) is LongLoRA and loaded.hparams() == method.hparams()
-    with torch.no_grad():
-        assert torch.equal(logits(fresh, ids), adapted)
-    fresh.train()
-    with torch.no_grad():
-        sparse = logits(fresh, ids)
-    loaded.merge_and_unload(fresh)
-    assert not list(lora_layers(fresh)) and fresh.config._attn_implementation == "sdpa"
-    with torch.no_grad():
-        torch.testing.assert_close(logits(fresh, ids), adapted, atol=1e-5, rtol=1e-5)  # full attention in training too
-    assert (sparse - adapted).abs().max() > 1e-3
 
 
 def test_group_larger_than_training_sequence_is_an_error(make_model, make_batch):

@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from ftlab.peft import LoRA, TargetError
-from ftlab.peft._targets import find_targets, layer_index, matches, module_patterns, num_layers, select_layers
+from ftlab.peft.targets import find_targets, layer_index, matches, module_patterns, num_layers, select_layers
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -219,12 +219,12 @@ def test_bare_trunk_blocks_at_root(name, n_blocks):
     import torch
 
     from ftlab.models.backbone import Backbone
-    from ftlab.peft.lora import _linear_kinds
+    from ftlab.peft.layers import linear_kinds
 
     torch.manual_seed(0)
     trunk = Backbone(name, pretrained=False).load("encoder")
     assert layer_index("layers.2.mlp.up_proj") == 2 and layer_index("h.0.attn.c_attn") == 0
-    found = find_targets(trunk, "all-linear", kinds=_linear_kinds())
+    found = find_targets(trunk, "all-linear", kinds=linear_kinds())
     assert len(found) == n_blocks * (7 if name == "tiny-llama" else 4)
-    top = find_targets(trunk, "all-linear", layers="top:1", kinds=_linear_kinds())
+    top = find_targets(trunk, "all-linear", layers="top:1", kinds=linear_kinds())
     assert {layer_index(n) for n, _ in top} == {n_blocks - 1}

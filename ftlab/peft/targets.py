@@ -23,7 +23,7 @@ from torch import nn
 
 LayerSelection = Sequence[int] | str | None
 # Blocks sit under a parent (``model.layers.3``) or at the root of a bare trunk (``layers.3``, ``h.0``).
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 class TargetError(ValueError):
@@ -32,7 +32,7 @@ class TargetError(ValueError):
 
 def layer_index(name: str) -> int | None:
     """The transformer block a module belongs to (``model.layers.3.mlp`` -> 3), or None."""
-    found = _LAYER_RE.search(name)
+    found = LAYER_RE.search(name)
     return int(found.group(1)) if found else None
 
 
@@ -128,7 +128,7 @@ def module_patterns(named: Iterable[tuple[str, nn.Module]]) -> list[str]:
     """Module names with block indices folded (``model.layers.*.self_attn.q_proj``), deduplicated."""
     seen: dict[str, None] = {}
     for name, _ in named:
-        seen[_LAYER_RE.sub(lambda m: m.group(0).replace(m.group(1), "*"), name)] = None
+        seen[LAYER_RE.sub(lambda m: m.group(0).replace(m.group(1), "*"), name)] = None
     return list(seen)
 
 
