@@ -20,8 +20,12 @@ parameters); tiny-gpt2 hidden 64, Conv1D c_attn 64→192, c_proj 64→64, c_fc 6
 
 from __future__ import annotations
 
+import re
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +111,27 @@ CASES = [
          merge_error=NO_FOLD),
     Case("adapter-pfeiffer-bert-top1", "tiny-bert", lambda: Adapter(reduction_factor=4, layers="top:1"),
          2 * 32 * 8 + 8 + 32, merge_error=NO_FOLD),
+]
+
+
+
+
+def _documented_example() -> type:
+    """The BitFit class of docs/adding_a_method.md, run as written (a module of its own, so its
+    adapter files name it by import path as a user's method would be)."""
+    page = (Path(__file__).parents[2] / "docs" / "adding_a_method.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    module = types.ModuleType("adding_a_method_example")
+    sys.modules[module.__name__] = module
+    exec(compile(code, "docs/adding_a_method.md", "exec"), module.__dict__)
+    return module.BitFit
+
+
+BitFit = _documented_example()
+CASES += [  # biases: GPT-2 blocks 192 + 64 + 256 + 64 + 2 LayerNorms of 64, final LayerNorm 64
+    Case("doc-bitfit-gpt2", "tiny-gpt2", lambda: BitFit(), 2 * (192 + 64 + 256 + 64 + 2 * 64) + 64),
+    # BERT: embedding LayerNorm 32, blocks q/k/v/o 4·32 + 2 LayerNorms 2·32 + MLP 64 + 32, pooler 32
+    Case("doc-bitfit-bert", "tiny-bert", lambda: BitFit(exclude=["pooler"]), 32 + 2 * (4 * 32 + 2 * 32 + 64 + 32)),
 ]
 
 
@@ -253,4 +278,9 @@ def test_every_method_class_is_in_the_table():
     from ftlab.peft.method import Method
 
     methods = {obj for obj in vars(peft).values() if isinstance(obj, type) and issubclass(obj, Method)} - {Method}
-    assert methods == {type(c.method()) for c in CASES}
+    assert methods | {BitFit} == {type(c.method()) for c in CASES}
+
+
+def test_the_documented_example_refuses_a_model_without_biases(make_model):
+    with pytest.raises(MethodError, match="BitFit: LlamaForCausalLM has no bias vectors to train"):
+        BitFit().apply(make_model("tiny-llama"))

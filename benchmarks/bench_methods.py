@@ -1,8 +1,9 @@
-"""LoRA vs QLoRA (same model), and S²-Attn vs full attention (long sequence): step time and peak memory.
+"""Methods side by side, step time and peak memory: LoRA vs QLoRA and DoRA (ftlab and PEFT) on one model,
+S²-Attn vs full attention at a long sequence, and PiSSA's one-off initialisation.
 
-    python benchmarks/bench_qlora_longlora.py                      # CPU, default sizes
-    python benchmarks/bench_qlora_longlora.py --only quant          # LoRA vs QLoRA only (or: --only attn)
-    python benchmarks/bench_qlora_longlora.py --device cuda --hidden 2048 --layers 8 --batch 8 --seq 1024 \\
+    python benchmarks/bench_methods.py                      # CPU, default sizes, every comparison
+    python benchmarks/bench_methods.py --only dora           # one comparison: quant, dora, attn or pissa
+    python benchmarks/bench_methods.py --device cuda --hidden 2048 --layers 8 --batch 8 --seq 1024 \\
         --long-seq 16384 --group 4096
 
 Models are ``tiny-llama`` scaled with ``Backbone(config_overrides=...)`` (random init: speed and
@@ -71,7 +72,7 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     from ftlab.models.backbone import Backbone
-    from ftlab.peft import LoRA, LongLoRA, QLoRA
+    from ftlab.peft import DoRA, LoRA, LongLoRA, QLoRA
     from ftlab.peft.qlora import linear_weight_bytes
 
     try:  # imported by QLoRA only: import it for every configuration so the baselines match
@@ -91,11 +92,13 @@ def worker(cfg: dict) -> dict:
         "lora": lambda: LoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"]),
         "qlora": lambda: QLoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"],
                                compute_dtype=cfg["dtype"]),
+        "dora": lambda: DoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"]),
+        "peft-dora": lambda: _PeftDoRA(cfg["rank"]),
         "full-attn": lambda: LoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
         "s2-attn": lambda: LongLoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"],
                                     group_size=cfg["group"], train_embeddings=False, train_norms=False),
     }[cfg["method"]]()
-    method.apply(model)
+    model = method.apply(model) or model  # PEFT wraps the model; ftlab's methods work in place
     model.to(device).train()
     weight_bytes = linear_weight_bytes(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -135,6 +138,44 @@ def worker(cfg: dict) -> dict:
             "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(times)}
 
 
+class _PeftDoRA:
+    """PEFT's DoRA on the same layers, for the side-by-side row."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def apply(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear",
+                                                use_dora=True))
+
+
+def pissa_init_time(cfg: dict, repeats: int = 3) -> None:
+    """Seconds to apply LoRA with ``init: pissa`` (an SVD per target) vs the default, in process."""
+    import torch
+
+    from ftlab.models.backbone import Backbone
+    from ftlab.peft import LoRA
+
+    torch.set_num_threads(cfg["threads"])
+    overrides = dict(hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
+                     num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"])
+    seconds = {}
+    for init in ("kaiming", "pissa", "olora"):
+        times = []
+        for _ in range(repeats):
+            model = Backbone("tiny-llama", pretrained=False, config_overrides=overrides).load("causal_lm")
+            t0 = time.perf_counter()
+            LoRA(rank=cfg["rank"], targets=["all-linear"], init=init).apply(model)
+            times.append(time.perf_counter() - t0)
+        seconds[init] = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\nLoRA initialisation on {params:.1f}M params, r={cfg['rank']}, all linear layers, median of {repeats}:")
+    for init, s in seconds.items():
+        print(f"  {init:<8} {s:8.3f} s  ({s / seconds['kaiming']:.1f}x kaiming)")
+
+
 # ------------------------------------------------------------------------------------ driver
 def run(cfg: dict, pin_malloc: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
@@ -148,7 +189,7 @@ def run(cfg: dict, pin_malloc: bool = False) -> dict:
     return json.loads(lines[-1])
 
 
-def compare(common: dict, shape: dict, methods: tuple[str, str], repeats: int) -> dict[str, dict]:
+def compare(common: dict, shape: dict, methods: tuple[str, ...], repeats: int) -> dict[str, dict]:
     """Time runs alternately ``repeats`` times (fastest kept), then one memory run per configuration."""
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(repeats):
@@ -164,16 +205,19 @@ def compare(common: dict, shape: dict, methods: tuple[str, str], repeats: int) -
     return rows
 
 
-def table(title: str, rows: dict[str, dict], base: str, other: str) -> None:
+def table(title: str, rows: dict[str, dict], base: str) -> None:
     print(f"\n{title}")
     print(f"  {'config':<10} {'step s (median)':>16} {'tokens/s':>10} {'peak MiB':>10} {'resident MiB':>13} "
           f"{'linear W MiB':>13}")
     for name, r in rows.items():
         print(f"  {name:<10} {r['step_s']:>16.3f} {r['tokens_per_s']:>10.0f} {r['peak_mib']:>10.0f} "
               f"{r['resident_mib']:>13.0f} {r['linear_weight_mib']:>13.1f}")
-    a, b = rows[base], rows[other]
-    print(f"  {other}/{base}: step time {b['step_s'] / a['step_s']:.2f}x, peak memory {b['peak_mib'] / a['peak_mib']:.2f}x, "
-          f"linear weights {b['linear_weight_mib'] / a['linear_weight_mib']:.2f}x   (peak = {a['peak_kind']})")
+    a = rows[base]
+    for other, b in rows.items():
+        if other != base:
+            print(f"  {other}/{base}: step time {b['step_s'] / a['step_s']:.2f}x, peak memory "
+                  f"{b['peak_mib'] / a['peak_mib']:.2f}x, linear weights {b['linear_weight_mib'] / a['linear_weight_mib']:.2f}x"
+                  f"   (peak = {a['peak_kind']})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-layers", type=int, default=2)
     p.add_argument("--long-seq", type=int, default=4096)
     p.add_argument("--group", type=int, default=1024, help="S²-Attn group size (paper: 1/4 of the sequence)")
-    p.add_argument("--only", choices=["quant", "attn"], default=None, help="run one of the two comparisons")
+    p.add_argument("--only", choices=["quant", "dora", "attn", "pissa"], default=None, help="run one comparison")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -207,19 +251,22 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(device=args.device, threads=args.threads, dtype=dtype, steps=args.steps, warmup=args.warmup,
                   rank=args.rank, group=args.group)
     print(f"device={args.device} threads={args.threads} dtype={dtype} steps={args.steps} (+{args.warmup} warm-up)")
-    if args.only in (None, "quant"):
-        shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                     batch=args.batch, seq=args.seq)
-        rows = compare(common, shape, ("lora", "qlora"), args.repeats)
-        table(f"LoRA vs QLoRA (r={args.rank}, all linear layers; {rows['lora']['params'] / 1e6:.1f}M params, "
-              f"batch {args.batch} x {args.seq})", rows, "lora", "qlora")
+    shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                 batch=args.batch, seq=args.seq)
+    for only, others, title in (("quant", ("qlora",), "QLoRA"), ("dora", ("dora", "peft-dora"), "DoRA (ftlab, PEFT)")):
+        if args.only in (None, only):
+            rows = compare(common, shape, ("lora", *others), args.repeats)
+            table(f"LoRA vs {title} (r={args.rank}, all linear layers; {rows['lora']['params'] / 1e6:.1f}M params, "
+                  f"batch {args.batch} x {args.seq})", rows, "lora")
+    if args.only in (None, "pissa"):
+        pissa_init_time({**common, **shape})
     if args.only in (None, "attn"):
         shape = dict(hidden=args.long_hidden, intermediate=3 * args.long_hidden, layers=args.long_layers, heads=4,
                      batch=1, seq=args.long_seq)
         rows = compare(common, shape, ("full-attn", "s2-attn"), args.repeats)
         table(f"S²-Attn (group {args.group}) vs full causal attention (SDPA), LoRA r={args.rank} on q,k,v,o; "
               f"{rows['full-attn']['params'] / 1e6:.1f}M params, 1 x {args.long_seq} tokens",
-              rows, "full-attn", "s2-attn")
+              rows, "full-attn")
 
 
 if __name__ == "__main__":
