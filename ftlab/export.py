@@ -67,6 +67,22 @@ def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
                           "or new folder, or pass --overwrite to replace it")
 
 
+def model_kind(objective: str, adapter: Path) -> str:
+    """The kind of plain model (``causal_lm``, ``seq2seq_lm``) the adapter's objective trains: its
+    ``export_kind``. Files that name no objective are causal LMs."""
+    import importlib
+
+    if not objective:
+        return "causal_lm"
+    module, _, name = objective.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module.startswith("ftlab.") else None
+    kind = getattr(cls, "export_kind", None)
+    if kind is None:
+        raise ExportError(f"{adapter} was trained by {objective}, which has no plain-model form to export "
+                          "(export writes the models of CausalLM and Seq2SeqLM adapters)")
+    return kind
+
+
 def export(
     adapter: str | Path, out: str | Path, backbone=None, dtype: str | None = None, overwrite: bool = False,
 ) -> Path:
@@ -87,11 +103,10 @@ def export(
     check_out(out, adapter, overwrite)
     peft_format = (adapter / io.PEFT_CONFIG).exists()
     meta: dict[str, Any] = {}
+    kind = "causal_lm"
     if not peft_format:
         meta, _ = io.read_adapter(adapter)
-        objective = meta.get("extra", {}).get("objective", "")
-        if objective and not objective.endswith(".CausalLM"):
-            raise ExportError(f"{adapter} was trained by {objective}; export writes causal LMs (CausalLM adapters)")
+        kind = model_kind(meta.get("extra", {}).get("objective", ""), adapter)
     if backbone is None:
         name = meta.get("base", {}).get("name_or_path")
         if not name:
@@ -102,7 +117,7 @@ def export(
             f"backbone {backbone.name_or_path!r} is randomly initialised (pretrained: false or config_overrides): "
             "its weights cannot be rebuilt, so the export would not match the trained model"
         )
-    model = backbone.load("causal_lm")
+    model = backbone.load(kind)
     if peft_format:
         method = io.load_peft_adapter(adapter, model)
     else:

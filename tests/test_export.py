@@ -158,5 +158,5 @@ def test_classifier_adapter_is_refused(base_dir, tmp_path):
     method.apply(model)
     save_adapter(tmp_path / "a", model, method, backbone.fingerprint(model),
                  extra={"objective": "ftlab.objectives.sequence_classifier.SequenceClassifier"})
-    with pytest.raises(ExportError, match="export writes causal LMs"):
+    with pytest.raises(ExportError, match="SequenceClassifier, which has no plain-model form to export"):
         export(tmp_path / "a", tmp_path / "m", backbone)

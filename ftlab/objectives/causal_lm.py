@@ -48,8 +48,10 @@ class CausalLM(Objective):
         self.exact_match, self.max_new_tokens = exact_match, max_new_tokens
         self.val_exact_match = MeanMetric()
 
+    export_kind = "causal_lm"
+
     def build(self):
-        return self.backbone.load("causal_lm")
+        return self.backbone.load(self.export_kind)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)

@@ -12,9 +12,10 @@ add and layer norm):
 - ``houlsby``: after the attention output projection and after the feed-forward output projection;
 - ``pfeiffer``: after the feed-forward output projection only.
 
-Blocks are found by structure: Llama-style (``self_attn.o_proj``, ``mlp.down_proj``), GPT-2
-(``attn.c_proj``, ``mlp.c_proj``) and BERT (``attention.output.dense``, ``output.dense``). Only the
-adapters train (Houlsby's paper also tunes the layer norms; that is left to ``Full``/LoRA's
+The two output projections of each block are found by structure (``ftlab.peft.blocks``: the last
+linear layer of the self-attention, and of the block outside its attention), so any Hugging Face
+family works; ``attention_output`` / ``ffn_output`` patterns override that for an exotic model. Only
+the adapters train (Houlsby's paper also tunes the layer norms; that is left to ``Full``/LoRA's
 ``trainable``-style extensions).
 """
 
@@ -27,21 +28,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ftlab.peft.blocks import find_blocks
+from ftlab.peft.layers import LinearWrapper, features
 from ftlab.peft.method import Method, freeze
-from ftlab.peft.targets import LAYER_RE, TargetError, num_layers, select_layers, set_submodule
+from ftlab.peft.targets import TargetError, num_layers, select_layers, set_submodule
 
 Placement = Literal["houlsby", "pfeiffer"]
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
-#: family -> (attention output projection, feed-forward output projection), relative to a block.
-FAMILIES: dict[str, tuple[str, str]] = {
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-    "bert": ("attention.output.dense", "output.dense"),
-}
-
-
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(LinearWrapper):
     """A frozen output projection ``base`` followed by a zero-initialised residual bottleneck."""
 
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, activation: Activation = "relu"):
@@ -70,24 +65,20 @@ class BottleneckAdapter(nn.Module):
         return f"hidden={self.up.out_features}, bottleneck={self.down.out_features}, enabled={self.enabled}"
 
 
-def find_sublayers(model: nn.Module) -> tuple[str, dict[int, dict[str, str]]]:
-    """The architecture family and, per block, the names of its ``attention`` and ``ffn`` output
-    projections. Raises ``TargetError`` naming the expected structures for an unknown model."""
-    relative: dict[str, list[tuple[int, str]]] = {}
-    for name, _ in model.named_modules():
-        found = LAYER_RE.search(name)
-        if found and found.end() < len(name):
-            relative.setdefault(name[found.end():], []).append((int(found.group(1)), name))
-    n = num_layers(model)
-    for family, (attn, ffn) in FAMILIES.items():
-        a, f = dict(relative.get(attn, [])), dict(relative.get(ffn, []))
-        if len(a) == len(f) == n:
-            return family, {i: {"attention": a[i], "ffn": f[i]} for i in range(n)}
-    expected = "; ".join(f"{fam}: '{a}' + '{f}'" for fam, (a, f) in FAMILIES.items())
-    raise TargetError(
-        f"Adapter does not know the block structure of {type(model).__name__}: expected, in each of its {n} "
-        f"blocks, an attention and a feed-forward output projection named like {expected}"
-    )
+def find_sublayers(model: nn.Module, attention_output: list[str] | None = None,
+                   ffn_output: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Per block (by name), the names of its ``attention`` and ``ffn`` output projections. Raises
+    ``TargetError`` naming what is missing, and the override that would fix it."""
+    blocks = {}
+    for block in find_blocks(model, attention_output, ffn_output):
+        missing = [part for part in ("attention_output", "ffn_output") if getattr(block, part) is None]
+        if missing:
+            raise TargetError(
+                f"Adapter cannot find the {' and '.join(missing)} projection of block {block.name} in "
+                f"{type(model).__name__}; name it with Adapter's {missing[0]} argument (a module-name pattern)"
+            )
+        blocks[block.name] = {"attention": block.attention_output, "ffn": block.ffn_output, "index": block.index}
+    return blocks
 
 
 class Adapter(Method):
@@ -102,6 +93,9 @@ class Adapter(Method):
         layers: Which transformer blocks get adapters: all (null), a list of indices, ``"a-b"``,
             ``"top:k"`` (the upper blocks are the usual recommendation), ``"bottom:k"``,
             ``"top_half"``, ``"bottom_half"``.
+        attention_output: Module-name patterns of the attention output projections, for a model whose
+            blocks are not found by structure (null: found by structure).
+        ffn_output: Module-name patterns of the feed-forward output projections (null: by structure).
     """
 
     def __init__(
@@ -111,6 +105,8 @@ class Adapter(Method):
         bottleneck_size: int | None = None,
         activation: Activation = "relu",
         layers: list[int] | str | None = None,
+        attention_output: list[str] | None = None,
+        ffn_output: list[str] | None = None,
     ):
         if placement not in ("houlsby", "pfeiffer"):
             raise ValueError(f"placement must be 'houlsby' or 'pfeiffer', got {placement!r}")
@@ -123,6 +119,7 @@ class Adapter(Method):
         self.placement, self.reduction_factor = placement, reduction_factor
         self.bottleneck_size = bottleneck_size
         self.activation, self.layers = activation, layers
+        self.attention_output, self.ffn_output = attention_output, ffn_output
 
     def bottleneck(self, hidden: int) -> int:
         if self.bottleneck_size is not None:
@@ -136,21 +133,23 @@ class Adapter(Method):
     def apply(self, model: nn.Module) -> None:
         if any(isinstance(m, BottleneckAdapter) for m in model.modules()):
             raise ValueError("this model already has adapters (Adapter was applied twice)")
-        hidden = model.config.hidden_size
-        size = self.bottleneck(hidden)
         chosen = select_layers(self.layers, num_layers(model))
-        _, blocks = find_sublayers(model)
+        blocks = find_sublayers(model, self.attention_output, self.ffn_output)
         sites = ("attention", "ffn") if self.placement == "houlsby" else ("ffn",)
         freeze(model)
-        for i in sorted(chosen):
+        for parts in blocks.values():
+            if parts["index"] not in chosen:
+                continue
             for site in sites:
-                name = blocks[i][site]
-                adapter = BottleneckAdapter(model.get_submodule(name), hidden, size, self.activation)
-                set_submodule(model, name, adapter)
+                base = model.get_submodule(parts[site])
+                hidden = features(base)[1]
+                adapter = BottleneckAdapter(base, hidden, self.bottleneck(hidden), self.activation)
+                set_submodule(model, parts[site], adapter)
 
     def hparams(self) -> dict[str, Any]:
         return dict(placement=self.placement, reduction_factor=self.reduction_factor,
-                    bottleneck_size=self.bottleneck_size, activation=self.activation, layers=self.layers)
+                    bottleneck_size=self.bottleneck_size, activation=self.activation, layers=self.layers,
+                    attention_output=self.attention_output, ffn_output=self.ffn_output)
 
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``n_adapters · (2 · H · b + b + H)``."""

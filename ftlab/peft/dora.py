@@ -62,8 +62,7 @@ class DoRALinear(LoRALinear):
         dropout = self.dropout[name]
         xd = dropout(x).to(a.dtype)
         if isinstance(dropout, nn.Identity):  # W0 x is y without the bias: no second matmul
-            bias = getattr(self.base, "bias", None)
-            w0x = (y if bias is None else y - bias).to(a.dtype)
+            w0x = (y if self.bias is None else y - self.bias).to(a.dtype)
         else:
             w0x = F.linear(xd, dense_weight(self.base).to(a.dtype))
         scale = self._scale(name)  # (out,)

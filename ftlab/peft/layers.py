@@ -103,3 +103,21 @@ def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
         raise ValueError("cannot rewrite the weight of an 8-bit bitsandbytes layer")
     with torch.no_grad():
         module.weight.copy_((weight.T if is_conv1d(module) else weight).to(module.weight.dtype))
+
+
+class LinearWrapper(nn.Module):
+    """Base of modules that stand in for a linear layer ``self.base`` (LoRA, IA³, bottleneck adapters).
+
+    Model code that reads its layer's ``weight`` or ``bias`` (T5 casts its input to ``wo.weight.dtype``)
+    sees the wrapped layer's.
+    """
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)

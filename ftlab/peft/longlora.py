@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftlab.peft.blocks import find_blocks
 from ftlab.peft.lora import LoRA
 from ftlab.peft.method import MethodError
 
@@ -65,7 +66,8 @@ class LongLoRA(LoRA):
         rank: Rank r of the update ``B A`` (> 0).
         alpha: Scaling numerator: the update is multiplied by ``alpha / rank``.
         dropout: Dropout on the adapter's input (0 disables the op entirely).
-        targets: Module-name patterns to adapt (the paper: the four attention projections).
+        targets: Module-name patterns to adapt; ``attention`` (the default, the paper's choice) is every
+            projection of each block's self-attention, whatever the model calls them.
         layers: Which transformer blocks get LoRA (null: all; indices, ``"a-b"``, ``"top:k"``...).
         rslora: Rank-stabilised scaling ``alpha / sqrt(rank)``.
         init: How A and B start (``kaiming``, ``gaussian``, ``pissa``, ``olora``; see ``ftlab.peft.lora_init``).
@@ -85,7 +87,7 @@ class LongLoRA(LoRA):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
-        targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],  # noqa: B006
+        targets: list[str] = ["attention"],  # noqa: B006
         layers: list[int] | str | None = None,
         rslora: bool = False,
         init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming",
@@ -106,6 +108,7 @@ class LongLoRA(LoRA):
         self.train_embeddings, self.train_norms = train_embeddings, train_norms
 
     def apply(self, model: nn.Module) -> None:
+        s2_modules(model)  # a model that cannot take S²-Attn is refused before anything changes
         super().apply(model)
         for m in self._unfrozen(model):
             m.requires_grad_(True)
@@ -147,9 +150,27 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that call transformers' attention interface with themselves as ``module``."""
-    return [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and hasattr(m, "head_dim") and hasattr(m, "config")]
+    """Each block's self-attention core: the module that calls the attention function."""
+    return [model.get_submodule(b.core) for b in find_blocks(model) if b.core]
+
+
+def s2_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules S²-Attn takes over; a clear error for a model that cannot take it."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"LongLoRA: S²-Attn is for decoder-only models and {name} is an encoder-decoder; "
+                         "use LoRA (or QLoRA) for long inputs there")
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"LongLoRA: no self-attention found in {name}; use LoRA")
+    bidirectional = sorted({type(m).__name__ for m in modules if not getattr(m, "is_causal", False)})
+    if bidirectional:
+        raise ValueError(f"LongLoRA: S²-Attn is causal, but {', '.join(bidirectional)} attends both ways; "
+                         "use LoRA on encoders")
+    if getattr(model.config, "attn_logit_softcapping", None):
+        raise ValueError(f"LongLoRA: {name} soft-caps its attention logits, which S²-Attn (built on SDPA) cannot; "
+                         "use LoRA")
+    return modules
 
 
 def register() -> None:
@@ -164,15 +185,7 @@ def register() -> None:
 
 def enable_s2attn(model: nn.Module, group_size: int, shift: bool = True, pad_to_group: bool = True) -> None:
     """Switch ``model`` to S²-Attn (in training mode; eval mode stays full attention)."""
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError(
-            f"LongLoRA: no attention modules found in {type(model).__name__}; S²-Attn needs a model whose "
-            "attention goes through transformers' AttentionInterface (Llama, Mistral, Qwen2...)"
-        )
-    bidirectional = sorted({type(m).__name__ for m in modules if not getattr(m, "is_causal", False)})
-    if bidirectional:
-        raise ValueError(f"LongLoRA: S²-Attn is causal, but {', '.join(bidirectional)} attends both ways")
+    modules = s2_modules(model)
     config = model.config
     original = config._attn_implementation
     if original == NAME:  # applied before: keep what was there first
@@ -187,6 +200,32 @@ def enable_s2attn(model: nn.Module, group_size: int, shift: bool = True, pad_to_
     settings = S2Settings(group_size, shift, pad_to_group, original)
     for m in modules:
         m.ftlab_s2attn = settings
+    if not all(_dispatches(model, modules)):
+        disable_s2attn(model)
+        raise ValueError(
+            f"LongLoRA: {type(model).__name__}'s attention does not go through transformers' AttentionInterface, "
+            "so S²-Attn cannot replace it; use LoRA"
+        )
+
+
+def _dispatches(model: nn.Module, modules: list[nn.Module]) -> list[bool]:
+    """Whether each module's attention went through ``s2_attention_forward`` in a one-token forward."""
+    param = next(model.parameters())
+    if param.device.type == "meta":  # nothing to run yet: trust the switch
+        return [True] * len(modules)
+    seen: set[int] = set()
+    for m in modules:
+        m.ftlab_s2attn_seen = seen
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), use_cache=False)
+    finally:
+        model.train(training)
+        for m in modules:
+            del m.ftlab_s2attn_seen
+    return [id(m) in seen for m in modules]
 
 
 def disable_s2attn(model: nn.Module) -> None:
@@ -211,6 +250,8 @@ def s2_attention_forward(
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     settings: S2Settings | None = getattr(module, "ftlab_s2attn", None)
+    if (seen := getattr(module, "ftlab_s2attn_seen", None)) is not None:  # enable_s2attn checks dispatch
+        seen.add(id(module))
     if settings is None or not module.training or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

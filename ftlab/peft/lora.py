@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftlab.peft.layers import add_to_weight, compute_dtype, features, is_conv1d, is_quantized, linear_kinds
+from ftlab.peft.layers import (
+    LinearWrapper, add_to_weight, compute_dtype, features, is_conv1d, is_quantized, linear_kinds,
+)
 from ftlab.peft.lora_init import INITS, ResidualInit
 from ftlab.peft.method import Method, MethodError, freeze, load_named, peft_format
 from ftlab.peft.targets import LayerSelection, TargetError, find_targets, set_submodule
@@ -37,7 +39,7 @@ from ftlab.peft.targets import LayerSelection, TargetError, find_targets, set_su
 PEFT_PREFIX = "base_model.model."
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LinearWrapper):
     """A frozen linear layer (``nn.Linear`` or a subclass, GPT-2 ``Conv1D``, bitsandbytes 4-bit or
     8-bit) plus named low-rank adapters, of which at most one is active."""
 

@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.peft.method import Method, freeze
-from ftlab.peft.targets import TargetError, layer_index, num_layers, select_layers
+from ftlab.peft.blocks import find_blocks
+from ftlab.peft.targets import LayerSelection, TargetError, num_layers, select_layers
 
 ATTR = "ftlab_prefix"  # the prefix module's name on the model
 IMPLEMENTATION = "ftlab_prefix"  # the attention implementation name the prefixed layers use
 SUPPORTED = ("sdpa", "eager")
+_NO_INTERFACE = ("prefix tuning: {}'s attention does not go through transformers' AttentionInterface, so no "
+                 "prefix can be put in front of its keys and values; use prompt tuning (PromptTuning) or LoRA")
 
 
 class PrefixEncoder(nn.Module):
@@ -120,6 +123,8 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         causal = getattr(module, "is_causal", True) if causal is None else causal
         attention_mask = extend_mask(attention_mask, n, query.size(2), key.size(2), causal and slot.sdpa,
                                      query.device)
+        if isinstance(bias := kwargs.get("position_bias"), torch.Tensor):  # T5 adds it to the scores: none for prefixes
+            kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], n), bias], dim=-1)  # (., h, T, P + S)
         key = torch.cat([pk.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)  # (B, h, P + S, d)
         value = torch.cat([pv.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
     return slot.inner(module, query, key, value, attention_mask, **kwargs)
@@ -164,36 +169,15 @@ def _inner_attention(module: nn.Module, implementation: str) -> Callable:
     return eager
 
 
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The self-attention module of each transformer block: the one that calls the attention
-    function (``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``...), by block index."""
-    found: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, m in model.named_modules():
-        cls = type(m).__name__
-        if not cls.endswith("Attention") or "Cross" in cls or getattr(m, "is_cross_attention", False):
-            continue
-        if hasattr(m, "config") and hasattr(m, "layer_idx") and (i := layer_index(name)) is not None:
-            found.setdefault(i, []).append((name, m))
+def attention_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str, nn.Module]:
+    """The self-attention core of each chosen block (the module that calls the attention function:
+    ``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``...), by block name. An encoder-decoder
+    has two stacks: both get prefixes in their self-attention (not in cross-attention)."""
+    keep = select_layers(layers, num_layers(model))
+    found = {b.name: model.get_submodule(b.core) for b in find_blocks(model) if b.core and b.index in keep}
     if not found:
-        raise TargetError(
-            f"prefix tuning found no self-attention modules in {type(model).__name__}: expected one module "
-            "per block whose class ends in 'Attention' and has config and layer_idx (LlamaAttention, "
-            "GPT2Attention, BertSelfAttention...)"
-        )
-    for i, hits in found.items():
-        if len(hits) > 1:
-            raise TargetError(f"block {i} has several attention modules: {[n for n, _ in hits]}")
-    return {i: hits[0][1] for i, hits in sorted(found.items())}
-
-
-def _kv_shape(module: nn.Module) -> tuple[int, int]:
-    """(heads_kv, head_dim) of an attention module."""
-    cfg = module.config
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    if head_dim is None:
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return int(heads), int(head_dim)
+        raise TargetError(f"prefix tuning found no self-attention modules in {type(model).__name__}")
+    return found
 
 
 class PrefixTuning(Method):
@@ -232,34 +216,42 @@ class PrefixTuning(Method):
     def apply(self, model: nn.Module) -> None:
         if hasattr(model, ATTR):
             raise ValueError("this model already has prefixes (PrefixTuning was applied twice)")
-        chosen = select_layers(self.layers, num_layers(model))
-        modules = {i: m for i, m in attention_modules(model).items() if i in chosen}
-        missing = sorted(chosen - modules.keys())
-        if missing:
-            raise TargetError(f"blocks {missing} have no self-attention module to prefix")
+        modules = attention_modules(model, self.layers)
         implementation = model.config._attn_implementation
         if implementation not in SUPPORTED:
             supported = " and ".join(SUPPORTED)
             raise ValueError(f"prefix tuning supports {supported} attention, not {implementation!r}")
-        shapes = {_kv_shape(m) for m in modules.values()}
-        if len(shapes) > 1:
-            raise ValueError(f"prefix tuning needs one key/value shape for all layers, got {sorted(shapes)}")
-        (heads, head_dim), = shapes
+        if not all(hasattr(m, "config") for m in modules.values()):
+            raise TargetError(_NO_INTERFACE.format(type(model).__name__))
         freeze(model)
         _register()
         prefixed = copy.deepcopy(model.config)  # only these modules see the custom implementation name
         prefixed._attn_implementation = IMPLEMENTATION
-        slots = []
+        slots, configs = [], {}
         for row, m in enumerate(modules.values()):
             slot = _Slot(row, _inner_attention(m, implementation), sdpa=implementation == "sdpa")
             m.__dict__["_ftlab_prefix_slot"] = slot  # a plain attribute: not a submodule or parameter
-            m.config = prefixed
+            configs[id(m)], m.config = m.config, prefixed
             slots.append(slot)
+        # Run the frozen model once: it shows which modules really call the attention function (and,
+        # for ``vocab``, captures the keys and values of real tokens to start the prefixes from).
+        start = _real_token_prefix(model, slots, self.num_virtual_tokens if self.init == "vocab" else 1)
+        shapes = {tuple(s.captured[0].shape[::2]) for s in slots if s.captured is not None}  # (heads_kv, d)
+        if any(s.captured is None for s in slots) or len(shapes) != 1:
+            for m in modules.values():
+                m.config = configs[id(m)]
+                del m.__dict__["_ftlab_prefix_slot"]
+            if len(shapes) > 1:
+                raise ValueError(f"prefix tuning needs one key/value shape for all layers, got {sorted(shapes)}")
+            raise TargetError(_NO_INTERFACE.format(type(model).__name__))
+        (heads, head_dim), = shapes
+        start = torch.stack([torch.stack(s.captured) for s in slots]).float() if self.init == "vocab" else None
+        for s in slots:
+            s.captured = None
 
         weight = next(model.parameters())
         hidden = model.config.hidden_size
         proj = (self.projection_dim or hidden) if self.reparameterize else None
-        start = _real_token_prefix(model, slots, self.num_virtual_tokens) if self.init == "vocab" else None
         encoder = PrefixEncoder((len(modules), heads, self.num_virtual_tokens, head_dim), hidden, proj)
         if start is not None:
             with torch.no_grad():
@@ -292,20 +284,18 @@ class PrefixTuning(Method):
         return disable_prefix(model)
 
 
-def _real_token_prefix(model: nn.Module, slots: list[_Slot], n: int) -> torch.Tensor:
-    """(L, 2, h, P, d) keys and values of P random tokens, read from the frozen model's layers."""
-    ids = torch.randint(0, model.config.vocab_size, (1, n), device=next(model.parameters()).device)
+def _real_token_prefix(model: nn.Module, slots: list[_Slot], n: int) -> None:
+    """Run the frozen model on ``n`` random tokens; each slot captures its module's keys and values."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, **extra)
     finally:
         model.train(training)
-    start = torch.stack([torch.stack(s.captured) for s in slots]).float()
-    for s in slots:
-        s.captured = None
-    return start
 
 
 # ---------------------------------------------------------------------------------- functions

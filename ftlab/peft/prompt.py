@@ -17,6 +17,9 @@ before the forward, ids become embeddings with the prompt in front, and the atte
 ``hidden_states``, so outputs line up with the caller's tokens. In cached decoding (``generate``)
 the prompt enters the cache on the first step; later steps only extend the mask and shift the
 positions by P. (BERT's ``pooler_output`` reads position 0, which is then a virtual token.)
+
+On an encoder-decoder (T5, BART) the hooks sit on the encoder, which every forward and ``generate``
+call: the encoder reads the prompt, and the decoder cross-attends to the real tokens' encodings.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ class PromptTuning(Method):
         self.num_virtual_tokens = weight.size(0)
         prompt = PromptEmbedding(weight)
         model.add_module(ATTR, prompt)
-        prompt.attach(model)
+        prompt.attach(model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model)
 
     def _initial_prompt(self, model: nn.Module, table: torch.Tensor) -> torch.Tensor:
         """(P, H) starting values, in the embedding table's dtype and device."""

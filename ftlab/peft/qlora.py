@@ -216,6 +216,8 @@ def quantize(
             f"QLoRA found no linear layers to quantize in {type(model).__name__} (leaf modules: {', '.join(kinds)})"
         )
     chosen = {n for n, _ in find_targets(model, targets, kinds=linear_kinds())}
+    # and what the model itself keeps in full precision (T5's ``wo``: its code casts to that weight's dtype)
+    keep_dense = [*keep_dense, *(getattr(model, "_keep_in_fp32_modules", None) or [])]
     chosen -= {n for p in keep_dense for n, _ in _matching(model, p)}
     shared = _shared_weights(model)
     todo = []

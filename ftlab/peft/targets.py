@@ -6,7 +6,10 @@ A *target* is matched against each module's dotted name:
 - a dotted suffix or glob (``self_attn.q_proj``, ``attn.*``, ``mlp.*_proj``) matches the end of the name;
 - ``re:<regex>`` matches the full name with ``re.fullmatch``;
 - ``all-linear`` matches every linear layer inside the transformer blocks (not the LM or
-  classification head).
+  classification head);
+- ``attention`` matches every linear layer of each block's self-attention (its q/k/v or fused
+  input projections and its output projection), found by structure (``ftlab.peft.blocks``), whatever
+  the family calls them.
 
 A *layer selection* keeps only modules inside the chosen transformer blocks: ``null`` (all), a
 list of indices (negative counts from the top), or a string ``"a-b"`` (inclusive range),
@@ -108,13 +111,18 @@ def find_targets(
         raise TargetError("no target modules given")
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     keep_layers = None if layers is None else select_layers(layers, num_layers(model))
+    structural: set[str] = set()
+    if "attention" in targets:
+        from ftlab.peft.blocks import attention_targets
+
+        structural = set(attention_targets(model))
     chosen = []
     for name, module in candidates:
         idx = layer_index(name)
         if "all-linear" in targets:
             hit = idx is not None
         else:
-            hit = any(matches(name, t) for t in targets)
+            hit = name in structural or any(matches(name, t) for t in targets)
         if hit and (keep_layers is None or (idx is not None and idx in keep_layers)):
             chosen.append((name, module))
     if not chosen:

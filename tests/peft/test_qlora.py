@@ -322,3 +322,19 @@ def test_model_quantized_at_load_time_by_transformers(make_model, make_batch, tm
     with torch.no_grad():
         model(input_ids=ids)
     assert all(g.abs().sum() > 0 for n, g in lora_grads(model, ids).items() if "lora_B" in n)
+
+
+def test_readmes_main_install_brings_bitsandbytes(make_model):
+    """README's first command installs the core dependencies only: bitsandbytes must be one of them
+    (not only of an extra), and QLoRA then builds."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    core = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert "bitsandbytes" in core
+    assert all("bitsandbytes" not in d for deps in project.get("optional-dependencies", {}).values() for d in deps)
+    model = make_model("tiny-llama")
+    QLoRA(rank=2, targets=["q_proj"]).apply(model)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
