@@ -3,6 +3,8 @@ Lightning step vs a plain PyTorch loop. Prints medians and ratios measured in on
 
     python benchmarks/bench_lora.py                      # CPU: tiny-llama scaled to ~25M, and minilm
     python benchmarks/bench_lora.py --device cuda        # GPU: 1.1B Llama shape, bf16, seq 2048, batch 4
+    python benchmarks/bench_lora.py --device cuda --compile       # ... plus a torch.compile'd ftlab LoRA
+    python benchmarks/bench_lora.py --device cpu --gpu-table --tiny  # the GPU table's code, on CPU, tiny
 
 Every configuration gets its own fresh model with the same seed, the same batch and AdamW; the
 configurations are interleaved step by step on CPU so machine noise hits them alike. Step time
@@ -40,11 +42,12 @@ class Runner:
     """A model, its optimizer and a loss closure: ``step()`` returns seconds for one step."""
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
-                 lr: float = 1e-4):
+                 lr: float = 1e-4, fused: bool = False):
         self.name, self.model, self.loss_fn, self.device = name, model, loss_fn, device
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=lr, foreach=device.type == "cuda")
+        kind = {"fused": True} if fused else {"foreach": device.type == "cuda"}
+        self.opt = torch.optim.AdamW(params, lr=lr, **kind)
         self.times: list[float] = []
 
     def step(self) -> float:
@@ -186,28 +189,35 @@ def report(runners: list[Runner], warmup: int, tokens: int, baseline: str) -> No
 
 
 # --------------------------------------------------------------------------------------- GPU
-def cuda_run(name: str, build: Callable[[], torch.nn.Module], batch: int, seq: int, steps: int, warmup: int) -> dict:
-    device = torch.device("cuda")
+def device_run(name: str, build: Callable[[], torch.nn.Module], device: torch.device, batch: int, seq: int,
+               steps: int, warmup: int, vocab: int, fused: bool = False) -> dict:
+    """One configuration on ``device``: median step and peak memory (CUDA allocator; NaN on CPU)."""
+    cuda = device.type == "cuda"
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     model = build()
-    ids = torch.randint(0, 32000, (batch, seq), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    r = Runner(name, model, causal_loss(model, ids), device)
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    r = Runner(name, model, causal_loss(model, ids), device, fused=fused)
     for _ in range(steps + warmup):
         r.step()
     med = statistics.median(r.times[warmup:])
-    out = {"name": name, "tok_s": batch * seq / med, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-           "step_ms": med * 1e3, "trainable_m": r.trainable / 1e6}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    out = {"name": name, "tok_s": batch * seq / med, "peak_gib": peak, "step_ms": med * 1e3,
+           "trainable_m": r.trainable / 1e6}
     del r, model
     return out
 
 
-def gpu(steps: int, warmup: int, batch: int, seq: int) -> None:
-    device = torch.device("cuda")
+def gpu(device: torch.device, steps: int, warmup: int, batch: int, seq: int, tiny: bool, compile_: bool) -> None:
+    """The side-by-side table on the 1.1B Llama shape (``tiny``: a small one, to run this code on CPU)."""
+    shape = dict(LLAMA_CPU, vocab_size=32000) if tiny else LLAMA_1B
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
 
     def full():
-        return build_llama(LLAMA_1B, "bfloat16", device)[1]
+        return build_llama(shape, dtype, device)[1]
 
     def ftlab_lora():
         m = full()
@@ -219,20 +229,29 @@ def gpu(steps: int, warmup: int, batch: int, seq: int) -> None:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return m
 
+    def ftlab_lora_compiled():
+        m = ftlab_lora()
+        for block in m.model.layers:
+            block.compile()
+        return m
+
     def peft():
         return peft_lora(full(), 16, 32, ALL_LINEAR)
 
-    print(f"\n## GPU {torch.cuda.get_device_name()}: Llama 1.1B shape, bf16, SDPA, batch {batch}x{seq}, "
-          "LoRA r=16 on all 7 projections, AdamW")
-    rows = [cuda_run(n, f, batch, seq, steps, warmup) for n, f in
-            [("full fine-tuning", full), ("PEFT LoRA", peft), ("ftlab LoRA", ftlab_lora),
-             ("ftlab LoRA + grad ckpt", ftlab_lora_gc)]]
+    print(f"\n## {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: Llama "
+          f"{'tiny' if tiny else '1.1B'} shape, {dtype}, SDPA, batch {batch}x{seq}, LoRA r=16 on all 7 projections, AdamW")
+    configs = [("full fine-tuning", full, False), ("PEFT LoRA", peft, False), ("ftlab LoRA", ftlab_lora, False),
+               ("ftlab LoRA, fused AdamW", ftlab_lora, True), ("ftlab LoRA + grad ckpt", ftlab_lora_gc, False)]
+    if compile_:
+        configs.append(("ftlab LoRA, compiled blocks", ftlab_lora_compiled, False))
+    rows = [device_run(n, f, device, batch, seq, steps, warmup, shape["vocab_size"], fused) for n, f, fused in configs]
     peft_row = next(r for r in rows if r["name"] == "PEFT LoRA")
+    full_row = next(r for r in rows if r["name"] == "full fine-tuning")
     for r in rows:
-        print(f"  {r['name']:<24} {r['tok_s']:9.0f} tok/s  {r['peak_gib']:6.1f} GiB  step {r['step_ms']:7.1f} ms  "
+        print(f"  {r['name']:<28} {r['tok_s']:9.0f} tok/s  {r['peak_gib']:6.1f} GiB  step {r['step_ms']:7.1f} ms  "
               f"trainable {r['trainable_m']:7.2f}M  vs PEFT: {r['tok_s'] / peft_row['tok_s']:.2f}x tok/s, "
-              f"{r['peak_gib'] / peft_row['peak_gib']:.2f}x memory")
-    print("  targets: ftlab LoRA >= 2x PEFT tok/s at <= 0.75x PEFT memory")
+              f"{r['peak_gib'] / peft_row['peak_gib']:.2f}x memory; vs full: {r['tok_s'] / full_row['tok_s']:.2f}x tok/s")
+    print("  targets: ftlab LoRA >= 2x PEFT tok/s at <= 0.75x PEFT memory, and >= 1.15x full fine-tuning")
 
 
 def main() -> None:
@@ -241,11 +260,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=["llama", "minilm"], default=None, help="CPU: run one model only")
+    ap.add_argument("--gpu-table", action="store_true", help="the GPU table (default with --device cuda)")
+    ap.add_argument("--tiny", action="store_true", help="the GPU table on a small Llama, batch 2 x 128")
+    ap.add_argument("--compile", action="store_true", help="also time ftlab LoRA with torch.compile'd blocks")
     args = ap.parse_args()
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible")
-        gpu(args.steps or 10, args.warmup, batch=4, seq=2048)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.device == "cuda" or args.gpu_table:
+        batch, seq = (2, 128) if args.tiny else (4, 2048)
+        gpu(torch.device(args.device), args.steps or 10, args.warmup, batch, seq, args.tiny, args.compile)
         return
     steps = args.steps or 10
     if args.only in (None, "llama"):

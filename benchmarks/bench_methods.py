@@ -94,6 +94,7 @@ def worker(cfg: dict) -> dict:
                                compute_dtype=cfg["dtype"]),
         "dora": lambda: DoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"]),
         "peft-dora": lambda: _PeftDoRA(cfg["rank"]),
+        "peft-qlora": lambda: _PeftQLoRA(cfg["rank"], cfg["dtype"]),
         "full-attn": lambda: LoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
         "s2-attn": lambda: LongLoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"],
                                     group_size=cfg["group"], train_embeddings=False, train_norms=False),
@@ -149,6 +150,30 @@ class _PeftDoRA:
 
         return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear",
                                                 use_dora=True))
+
+
+class _PeftQLoRA:
+    """PEFT's QLoRA as its users build it: the model loaded in 4 bits by transformers
+    (``BitsAndBytesConfig``: nf4, double quantization), then LoRA on every linear layer."""
+
+    def __init__(self, rank: int, dtype: str):
+        self.rank, self.dtype = rank, dtype
+
+    def apply(self, model):
+        import tempfile
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=getattr(torch, self.dtype))
+        place = {"device_map": {"": 0}} if torch.cuda.is_available() else {}
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=getattr(torch, self.dtype),
+                                                         **place)
+        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear"))
 
 
 def pissa_init_time(cfg: dict, repeats: int = 3) -> None:
@@ -253,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device={args.device} threads={args.threads} dtype={dtype} steps={args.steps} (+{args.warmup} warm-up)")
     shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
                  batch=args.batch, seq=args.seq)
-    for only, others, title in (("quant", ("qlora",), "QLoRA"), ("dora", ("dora", "peft-dora"), "DoRA (ftlab, PEFT)")):
+    for only, others, title in (("quant", ("qlora", "peft-qlora"), "QLoRA (ftlab, PEFT)"),
+                                ("dora", ("dora", "peft-dora"), "DoRA (ftlab, PEFT)")):
         if args.only in (None, only):
             rows = compare(common, shape, ("lora", *others), args.repeats)
             table(f"LoRA vs {title} (r={args.rank}, all linear layers; {rows['lora']['params'] / 1e6:.1f}M params, "

@@ -20,6 +20,9 @@ import pytest
 import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+#: Where ``make_model`` puts models: ``FTLAB_TEST_DEVICE=cuda`` runs the model-level tests on a GPU
+#: (benchmarks/gpu_check.sh does, for the QLoRA tests); CPU otherwise.
+DEVICE = torch.device(os.environ.get("FTLAB_TEST_DEVICE", "cpu"))
 
 TINY_BERT = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
@@ -37,7 +40,7 @@ def _build(name: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
 
         backbone = Backbone(name, pretrained=False, config_overrides=config_overrides or None)
         model = backbone.load("causal_lm")
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -74,10 +77,12 @@ def tiny_bert():
 
 @pytest.fixture
 def make_batch():
-    """``make_batch(model, batch=2, length=12, seed=1)``: random ``input_ids`` in the model's vocabulary."""
+    """``make_batch(model, batch=2, length=12, seed=1)``: random ``input_ids`` in the model's vocabulary,
+    on the model's device."""
 
     def make(model: torch.nn.Module, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+        return ids.to(next(model.parameters()).device)
 
     return make

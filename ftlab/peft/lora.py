@@ -77,9 +77,11 @@ class LoRALinear(LinearWrapper):
         if name is None or name == self.merged:
             return y
         a, b = self.lora_A[name], self.lora_B[name]
-        h = F.linear(self.dropout[name](x).to(a.dtype), a)  # (..., r)
-        # Scale the r-wide tensor, not the out-wide one: same result, fewer multiplies.
-        return y + F.linear(h * self.scaling[name], b).to(y.dtype)
+        h = F.linear(self.dropout[name](x).to(a.dtype), a) * self.scaling[name]  # (..., r): scaling the
+        # r-wide tensor, not the out-wide one, is the same result with fewer multiplies
+        if b.dtype == y.dtype:  # one GEMM that adds into the base output: no out-wide temporary
+            return torch.addmm(y.reshape(-1, y.size(-1)), h.reshape(-1, h.size(-1)), b.t()).view_as(y)
+        return y + F.linear(h, b).to(y.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """What merging adapter ``name`` adds to the dense (out, in) weight: ``s · B A``."""

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import DEVICE
 from ftlab.models.backbone import Backbone
 from ftlab.peft import LoRALinear, QLoRA
 from ftlab.peft.layers import dense_weight
@@ -68,7 +69,7 @@ def perturb(model, std=0.05, seed=123):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * std)
 
 
 def quantized_only(case, make_model):
@@ -225,6 +226,7 @@ def test_bad_settings(kwargs, match):
 
 
 # ------------------------------------------------------------------------------ training on CPU
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU fallback of paged optimizers")
 def test_paged_8bit_adamw_steps_on_cpu(make_model, make_batch):
     model = make_model("tiny-llama")
     QLoRA(rank=64, targets=["up_proj"]).apply(model)  # A: 64 x 128 = 8192 values, over min_8bit_size
@@ -290,7 +292,7 @@ def test_lightning_train_validate_train_keeps_lora_gradients(tmp_path):
     data = InstructionData(template="alpaca_short", max_length=96, batch_size=4, synthetic_train_size=32,
                            synthetic_val_size=4, tokenizer="tiny-llama")
     grads = GradNorms()
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, num_sanity_val_steps=1,
+    trainer = L.Trainer(accelerator=DEVICE.type, devices=1, max_steps=4, val_check_interval=2, num_sanity_val_steps=1,
                         limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[grads])
     trainer.fit(model, data)
@@ -298,7 +300,8 @@ def test_lightning_train_validate_train_keeps_lora_gradients(tmp_path):
     assert trainer.validate(model, data, verbose=False)[0]["val/loss"] > 0
 
     load_adapter_state_dict(twin, adapter_state_dict(model.model, "default"), "default")
-    ids = next(iter(data.train_dataloader()))["input_ids"]
+    twin.to(DEVICE)
+    ids = next(iter(data.train_dataloader()))["input_ids"].to(DEVICE)
     got, want = lora_grads(model.model, ids), lora_grads(twin, ids)
     assert got.keys() == want.keys()
     for n in want:
@@ -311,7 +314,8 @@ def test_model_quantized_at_load_time_by_transformers(make_model, make_batch, tm
 
     make_model("tiny-llama").save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    place = {"device_map": {"": DEVICE.index or 0}} if DEVICE.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, **place)
     method = QLoRA(rank=4)
     method.apply(model)
     assert method.report.layers == 0 and "already 4-bit" in str(method.report)
