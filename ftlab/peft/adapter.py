@@ -22,7 +22,7 @@ the adapters train (Houlsby's paper also tunes the layer norms; that is left to 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 
 from ftlab.peft.blocks import find_blocks
 from ftlab.peft.layers import LinearWrapper, features
-from ftlab.peft.method import Method, freeze
+from ftlab.peft.method import Method, freeze, switched_off
 from ftlab.peft.targets import TargetError, num_layers, select_layers, set_submodule
 
 Placement = Literal["houlsby", "pfeiffer"]
@@ -165,15 +165,6 @@ def adapter_layers(model: nn.Module) -> Iterator[BottleneckAdapter]:
     return (m for m in model.modules() if isinstance(m, BottleneckAdapter))
 
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
+def disable_adapters(model: nn.Module) -> AbstractContextManager[None]:
     """Run the base model: every bottleneck adapter off inside the block."""
-    layers = list(adapter_layers(model))
-    saved = [m.enabled for m in layers]
-    for m in layers:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m, enabled in zip(layers, saved):
-            m.enabled = enabled
+    return switched_off(adapter_layers(model))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from ftlab.peft.blocks import find_blocks
 from ftlab.peft.layers import LinearWrapper, compute_dtype, features, is_conv1d, is_quantized, linear_kinds
-from ftlab.peft.method import Method, freeze
+from ftlab.peft.method import Method, freeze, switched_off
 from ftlab.peft.targets import TargetError, find_targets, matches, num_layers, select_layers, set_submodule
 
 #: Leaf names of separate key and value projections (k_proj, key, v_lin, value_proj, k, ...).
@@ -138,15 +138,6 @@ def ia3_layers(model: nn.Module) -> Iterator[IA3Linear]:
     return (m for m in model.modules() if isinstance(m, IA3Linear))
 
 
-@contextmanager
-def disable_ia3(model: nn.Module) -> Iterator[None]:
+def disable_ia3(model: nn.Module) -> AbstractContextManager[None]:
     """Run the base model: every IA³ scale off inside the block."""
-    layers = list(ia3_layers(model))
-    saved = [m.enabled for m in layers]
-    for m in layers:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m, enabled in zip(layers, saved):
-            m.enabled = enabled
+    return switched_off(ia3_layers(model))

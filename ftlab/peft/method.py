@@ -21,8 +21,8 @@ An adapter file records the method by its import path and ``hparams()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -133,9 +133,19 @@ def peft_format(cls: type) -> type:
     return cls
 
 
-def modules_of(model: nn.Module, kind: type) -> Iterator[nn.Module]:
-    """Every module of ``model`` that is a ``kind``."""
-    return (m for m in model.modules() if isinstance(m, kind))
+@contextmanager
+def switched_off(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Set ``enabled = False`` on each module inside the block and restore it after, errors included:
+    how a method whose modules compute ``base(x)`` when disabled gives the base back."""
+    modules = list(modules)
+    saved = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, enabled in zip(modules, saved):
+            m.enabled = enabled
 
 
 def can_disable(method: Method, model: nn.Module) -> bool:

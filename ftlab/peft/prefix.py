@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftlab.peft.method import Method, freeze
+from ftlab.peft.method import Method, freeze, switched_off
 from ftlab.peft.blocks import find_blocks
 from ftlab.peft.targets import LayerSelection, TargetError, num_layers, select_layers
 
@@ -280,7 +280,6 @@ class PrefixTuning(Method):
         return e.length * hidden + hidden * proj + proj + proj * out + out
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
-        prefix_module(model)  # raises now if there is none
         return disable_prefix(model)
 
 
@@ -306,12 +305,6 @@ def prefix_module(model: nn.Module) -> PrefixEncoder:
     return module
 
 
-@contextmanager
-def disable_prefix(model: nn.Module) -> Iterator[None]:
+def disable_prefix(model: nn.Module) -> AbstractContextManager[None]:
     """Run the base model: no prefix inside the block."""
-    module = prefix_module(model)
-    saved, module.enabled = module.enabled, False
-    try:
-        yield
-    finally:
-        module.enabled = saved
+    return switched_off([prefix_module(model)])

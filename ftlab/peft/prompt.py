@@ -24,14 +24,13 @@ call: the encoder reads the prompt, and the decoder cross-attends to the real to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ftlab.peft.method import Method, freeze
+from ftlab.peft.method import Method, freeze, switched_off
 
 ATTR = "ftlab_prompt"  # the prompt module's name on the model
 _CACHED = "_ftlab_prompt_tokens"  # set on a cache object that holds the prompt
@@ -213,7 +212,6 @@ class PromptTuning(Method):
         return prompt_module(model).num_virtual_tokens * model.get_input_embeddings().weight.size(1)
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
-        prompt_module(model)  # raises now if there is none
         return disable_prompt(model)
 
 
@@ -225,12 +223,6 @@ def prompt_module(model: nn.Module) -> PromptEmbedding:
     return module
 
 
-@contextmanager
-def disable_prompt(model: nn.Module) -> Iterator[None]:
+def disable_prompt(model: nn.Module) -> AbstractContextManager[None]:
     """Run the base model: no prompt inside the block."""
-    module = prompt_module(model)
-    saved, module.enabled = module.enabled, False
-    try:
-        yield
-    finally:
-        module.enabled = saved
+    return switched_off([prompt_module(model)])
