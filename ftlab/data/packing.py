@@ -7,9 +7,11 @@ A padded batch of instruction samples spends most of its compute on pad tokens w
     position_ids: [ 0  1  2  3  | 0  1  2  | 0  1  2  3  4  | 0   ]
     labels:       [ -100 …      | -100 …   | -100 …         | -100 ]   (each sample's first label: -100)
 
-``position_ids`` restart at 0 for every sample; with no attention mask, transformers reads the
-restarts (``find_packed_sequence_indices``) and masks attention block-causally, so no token attends
-to another sample (flash-attention's varlen kernels read the same boundaries). A sample's first
+``position_ids`` restart at 0 for every sample; with no attention mask and no cache, transformers
+reads the restarts (``find_packed_sequence_indices``) and masks attention block-causally, so no
+token attends to another sample (flash-attention's varlen kernels read the same boundaries). A
+forward with a cache (``use_cache`` left on) skips that detection: ftlab's objectives pass
+``use_cache=False``. A sample's first
 label is ``-100`` because the previous sample's last token would otherwise learn to predict it.
 Everything else — tokens, labels, positions within a sample — is what the sample has unpacked, so
 the loss per token is the same (``DataCollatorWithFlattening`` builds the same format for one row).
