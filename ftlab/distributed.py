@@ -67,7 +67,10 @@ class ModelParallelStrategy(_LightningModelParallel):
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
             set_optimizer_state_dict,
         )
 

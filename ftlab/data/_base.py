@@ -11,8 +11,8 @@ from itertools import islice
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftlab.data._io import DataError, Record, load_source, nonempty
@@ -128,7 +128,8 @@ class TokenizedData(L.LightningDataModule):
 
         rows = pack(items, self.max_length, self.seed)
         log.info("%s: %d training samples packed into %d rows of up to %d tokens (%.1f%% real tokens)",
-                 type(self).__name__, len(items), len(rows), self.max_length, 100 * efficiency(rows, self.max_length))
+                 type(self).__name__, len(items), len(rows), self.max_length,
+                 100 * efficiency(rows, self.max_length))
         return rows
 
     def encode(self, row: Record) -> dict[str, Any]:
@@ -154,7 +155,8 @@ class TokenizedData(L.LightningDataModule):
         if not shuffle:
             return DataLoader(items, **common)
         sampler = ResumableSampler(items, self.seed, self.trainer, self.batch_size)
-        loader = ResumableLoader(items, sampler=sampler, generator=torch.Generator().manual_seed(self.seed), **common)
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = ResumableLoader(items, sampler=sampler, generator=generator, **common)
         loader.count_targets, loader.trainer = self.targets_in, self.trainer
         return loader
 

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+def masked_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
     """Next-token cross-entropy over positions whose label is not ``-100``: their mean (or sum).
 
     Args:

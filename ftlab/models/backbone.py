@@ -129,7 +129,10 @@ class Backbone:
         """Build the model of ``kind`` (``causal_lm``, ``encoder``, ``sequence_classification``,
         ``seq2seq_lm``)."""
         from transformers import (
-            AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoModelForSequenceClassification,
         )
 
         auto = {
@@ -205,9 +208,11 @@ class Backbone:
         if files is None:
             return None
         try:
-            model, placeholders = build_empty(auto, cfg, files, trust_remote_code=self.trust_remote_code, **common)
-        except RuntimeError as err:  # e.g. model code that initialises weights in place, outside transformers' init
-            log.info("loading %s whole: cannot build it empty (%s)", self.name_or_path, str(err).splitlines()[0])
+            model, placeholders = build_empty(auto, cfg, files, trust_remote_code=self.trust_remote_code,
+                                              **common)
+        except RuntimeError as err:  # e.g. model code that initialises weights in place, not via transformers
+            log.info("loading %s whole: cannot build it empty (%s)", self.name_or_path,
+                     str(err).splitlines()[0])
             return None
         if not placeholders.sources:
             return None

@@ -54,7 +54,8 @@ def safetensors_index(folder: str | Path) -> dict[str, Path] | None:
 class Placeholders:
     """The parameters of an empty-built model that the checkpoint fills, and where each one is."""
 
-    sources: dict[int, tuple[nn.Parameter, Path, str]] = field(default_factory=dict)  # id -> (param, file, key)
+    #: id(placeholder) -> (placeholder, file, key in the checkpoint)
+    sources: dict[int, tuple[nn.Parameter, Path, str]] = field(default_factory=dict)
     bound: list[tuple[nn.Module, str, Path, str]] = field(default_factory=list)
 
     def check(self, model: nn.Module) -> str | None:
@@ -111,7 +112,7 @@ class Placeholders:
             if isinstance(param, DTensor):
                 if tuple(param.placements) != (Shard(0),):
                     raise RuntimeError(f"cannot fill {key}: sharded as {param.placements}, not by rows")
-                rows = -(-param.shape[0] // param.device_mesh.size())  # torch.chunk's split: ⌈n / N⌉ rows each
+                rows = -(-param.shape[0] // param.device_mesh.size())  # torch.chunk's split: ⌈n / N⌉ each
                 start = min(param.shape[0], param.device_mesh.get_local_rank() * rows)
             target = local(param)
             with safe_open(file, "pt") as f:  # opened per tensor: only this slice's pages are mapped in
@@ -140,7 +141,8 @@ def build_empty(auto, cfg, files: dict[str, Path], **from_config) -> tuple[nn.Mo
             if id(param) not in swapped:  # tied parameters share one replacement
                 key = _checkpoint_key(f"{module_name}.{name}" if module_name else name, files, prefix)
                 if key is None:
-                    new = nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad)
+                    new = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                       requires_grad=param.requires_grad)
                 else:
                     hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
                     new = nn.Parameter(hollow, requires_grad=param.requires_grad)

@@ -75,10 +75,11 @@ class Objective(L.LightningModule):
                     self._adapt(self.build())
                 placeholders = self.backbone.placeholders
                 reason = placeholders.check(self.model) if placeholders is not None else None
-            except RuntimeError as err:  # e.g. PiSSA writing into a placeholder; a real error comes back below
+            except RuntimeError as err:  # e.g. PiSSA writing into a placeholder; a real error comes back
                 if self.backbone.placeholders is None:
                     raise
-                placeholders, reason = self.backbone.placeholders, f"the method wrote into the base weights ({err})"
+                placeholders = self.backbone.placeholders
+                reason = f"the method wrote into the base weights ({err})"
             if reason:  # start again from a plain load, with the random state it would have had
                 log.info("FSDP: every rank loads %s whole: %s", self.backbone.name_or_path, reason)
                 torch.random.set_rng_state(rng)

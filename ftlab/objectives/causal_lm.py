@@ -89,7 +89,8 @@ class CausalLM(Objective):
         shape = input_ids.shape
         head = OutputHead.of(self.model) if self.chunked_loss and labels is not None else None
         if head is not None:
-            hidden, last = hidden_states(self.model, inputs["input_ids"].size(1), **inputs)  # (b, t, H), (b, 1, V)
+            length = inputs["input_ids"].size(1)
+            hidden, last = hidden_states(self.model, length, **inputs)  # (b, t, H), (b, 1, V)
             if self._head_matches(head, hidden, last):
                 hidden = hidden.reshape(*shape, -1)  # (B, T, H): packed rows flattened for flash-attention
                 return chunked_lm_loss(hidden, head.weight, labels, head.bias, scale=head.scale,
@@ -103,8 +104,8 @@ class CausalLM(Objective):
         if not self._head_checked:
             self._head_checked = True
             if not head.matches(hidden[:, -1], last[:, -1]):
-                log.warning("chunked_loss: %s's output head does more than a linear map ftlab knows; using the "
-                            "plain loss", type(self.model).__name__)
+                log.warning("chunked_loss: %s's output head does more than a linear map ftlab knows; "
+                            "using the plain loss", type(self.model).__name__)
                 self.chunked_loss = False
         return self.chunked_loss
 
@@ -113,8 +114,9 @@ class CausalLM(Objective):
             return {"input_ids": input_ids, "attention_mask": attention_mask}
         implementation = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         if self.model._forward_pre_hooks:  # prompt tuning puts tokens in front and shifts every position
-            raise ValueError("packed rows (data packing: true) need a model that reads position_ids as given; "
-                             f"{type(self.method).__name__} changes the input in front: set data packing false")
+            raise ValueError("packed rows (data packing: true) need a model that reads position_ids as "
+                             f"given; {type(self.method).__name__} changes the input in front: set data "
+                             "packing false")
         if implementation.startswith("flash"):  # varlen kernels read sample boundaries from one flat row
             return {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1)}
         if implementation not in PACKABLE_ATTENTION:
@@ -138,9 +140,10 @@ class CausalLM(Objective):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total = self._loss_sum(batch)
         n = self._count(batch)
-        self.log("train/loss", total.detach() / max(1, n), prog_bar=True, batch_size=self.batch_size_of(batch))
-        if "packing_efficiency" in batch:
-            self.log("train/packing_efficiency", batch["packing_efficiency"], batch_size=self.batch_size_of(batch))
+        size = self.batch_size_of(batch)
+        self.log("train/loss", total.detach() / max(1, n), prog_bar=True, batch_size=size)
+        if "packing_efficiency" in batch:  # real tokens / row tokens
+            self.log("train/packing_efficiency", batch["packing_efficiency"], batch_size=size)
         return self.step_loss(total, n, batch)
 
     def step_loss(self, total: torch.Tensor, n: int, batch: dict[str, Any]) -> torch.Tensor:

@@ -5,8 +5,9 @@ The encoder reads the source, the decoder predicts the target behind its start t
     L = − Σ_t log p(y_t | y_<t, x) / |y|        (tokens labelled −100 do not count)
 
 As in ``CausalLM``, ``chunked_loss`` computes it from the decoder's final states a chunk of target
-positions at a time. Everything else is ``CausalLM``'s too: validation generates greedily from each source and scores exact
-match against the reference; ``predict`` writes the generations. Use it with ``Seq2SeqData``.
+positions at a time. Everything else is ``CausalLM``'s too: validation generates greedily from each
+source and scores exact match against the reference; ``predict`` writes the generations. Use it
+with ``Seq2SeqData``.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ class Seq2SeqLM(CausalLM):
         summed cross-entropy over target tokens instead (a scalar), chunked when ``chunked_loss``."""
         head = OutputHead.of(self.model) if self.chunked_loss and loss else None
         if head is not None:
-            decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, T): y shifted right
+            decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, T): y shifted
             hidden, last = hidden_states(self.model, labels.size(1), input_ids=input_ids,
                                          attention_mask=attention_mask, decoder_input_ids=decoder_ids)
             if self._head_matches(head, hidden, last):  # T5 rescales before its head, BART adds a bias after
-                return chunked_lm_loss(hidden, head.weight, labels, head.bias, scale=head.scale, softcap=head.softcap,
-                                       reduction="sum", shift=False, liger=True)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).logits
+                return chunked_lm_loss(hidden, head.weight, labels, head.bias, scale=head.scale,
+                                       softcap=head.softcap, reduction="sum", shift=False, liger=True)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                            use_cache=False).logits
         if not loss:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
 
     def _loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
         return self(batch["input_ids"], batch["attention_mask"], batch["labels"], loss=True)

@@ -22,7 +22,8 @@ def test_best_fit_decreasing_packs_every_index_once_within_capacity_and_nearly_o
     assert lower <= len(bins) <= 11 / 9 * lower + 1  # best-fit decreasing's worst-case bound
     assert best_fit_decreasing(lengths, 128, seed=3) == bins  # deterministic for a seed
     ties = [5] * 7 + [3] * 5
-    assert len({tuple(map(tuple, best_fit_decreasing(ties, 16, seed=s))) for s in range(6)}) > 1  # ties: by seed
+    by_seed = {tuple(map(tuple, best_fit_decreasing(ties, 16, seed=s))) for s in range(6)}
+    assert len(by_seed) > 1  # the seed orders equal lengths
     with pytest.raises(ValueError, match="1..128"):
         best_fit_decreasing([129], 128)
 
@@ -41,11 +42,13 @@ def instruction_data():
 def test_packed_rows_hold_every_sample_once_with_positions_and_labels_restarting(instruction_data):
     plain, packed = instruction_data
     rows = packed.splits["train"]
-    assert len(rows) < len(plain.splits["train"]) and all(sum(len(it["input_ids"]) for it in r) <= 192 for r in rows)
+    assert len(rows) < len(plain.splits["train"])
+    assert all(sum(len(it["input_ids"]) for it in r) <= 192 for r in rows)
     assert Counter(tuple(it["input_ids"]) for r in rows for it in r) == Counter(
         tuple(it["input_ids"]) for it in plain.splits["train"])
     batch = collate_packed(rows[:3], pad_id=256)
-    ids, pos, labels, mask = batch["input_ids"], batch["position_ids"], batch["labels"], batch["attention_mask"]
+    ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+    mask = batch["attention_mask"]
     assert ids.shape == pos.shape == labels.shape == mask.shape
     for r, row in enumerate(rows[:3]):
         at = 0
@@ -60,7 +63,8 @@ def test_packed_rows_hold_every_sample_once_with_positions_and_labels_restarting
         assert pos[r, at:].tolist() == list(range(ids.size(1) - at))  # the tail is a sequence of its own
     assert batch["packing_efficiency"] == pytest.approx(float(mask.float().mean()))
     # the loss counts the same tokens packed as unpacked
-    assert count_targets(labels) == count_targets(plain.collate([it for r in rows[:3] for it in r], "train")["labels"])
+    unpacked = plain.collate([it for r in rows[:3] for it in r], "train")
+    assert count_targets(labels) == count_targets(unpacked["labels"])
 
 
 def test_packed_loader_batches_rows_and_validation_stays_unpacked(instruction_data):
@@ -100,7 +104,8 @@ def test_training_loader_tells_each_batch_the_tokens_of_its_accumulation_window(
     counts = [count_targets(b["labels"]) for b in batches]
     windows = [b["targets_in_step"] for b in batches]
     assert len(set(counts)) > 1  # batches differ in size: a mean of batch means would weigh them wrongly
-    assert windows[:5] == [sum(counts[:3])] * 3 + [sum(counts[3:5])] * 2  # the 5th batch closes the epoch's last step
+    # the 5th batch closes the epoch's last (short) accumulation window
+    assert windows[:5] == [sum(counts[:3])] * 3 + [sum(counts[3:5])] * 2
     packed_rows = pack([{"input_ids": [1] * n} for n in (3, 4, 5)], 8)
     assert sorted(len(r) for r in packed_rows) == [1, 2]
     assert torch.equal(collate_packed(packed_rows, 0)["position_ids"][0][:1], torch.tensor([0]))

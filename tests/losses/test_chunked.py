@@ -55,16 +55,19 @@ def test_chunked_lm_loss_gives_ignored_positions_no_gradient():
     assert loss.item() == 0 and torch.autograd.grad(loss, hidden)[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("bias,temperature,softcap", [(False, 1.0, None), (True, 0.7, None), (False, 1.3, 2.0)])
+@pytest.mark.parametrize("bias,temperature,softcap",
+                         [(False, 1.0, None), (True, 0.7, None), (False, 1.3, 2.0)])
 def test_chunked_token_logprobs_equal_token_logprobs_and_their_gradients(bias, temperature, softcap):
     hidden, weight, b, labels = _inputs(2, bias)
     tokens = labels.clamp_min(0)
     plain = token_logprobs(_plain_logits(hidden, weight, b, softcap=softcap) / temperature, tokens)  # (B, T)
-    mine = chunked_token_logprobs(hidden, weight, tokens, b, temperature=temperature, softcap=softcap, chunk_size=5)
+    mine = chunked_token_logprobs(hidden, weight, tokens, b, temperature=temperature, softcap=softcap,
+                                  chunk_size=5)
     assert mine.shape == (B, T) and mine.dtype == torch.float32
     torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-6)
-    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(3))  # per-token weights, as PPO's advantages
-    for a, e in zip(_grads((mine * weights).sum(), hidden, weight, b), _grads((plain * weights).sum(), hidden, weight, b)):
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(3))  # per-token, as PPO's advantages
+    ours = _grads((mine * weights).sum(), hidden, weight, b)
+    for a, e in zip(ours, _grads((plain * weights).sum(), hidden, weight, b)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
