@@ -211,7 +211,7 @@ def _subprocess(kind: str, cfg: dict, env: dict | None = None) -> dict:
 
 def chunked(args) -> None:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    common = dict(device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab, steps=args.steps)
+    common = dict(device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab, steps=args.chunk_steps)
     parts = {"loss": dict(hidden=args.hidden, batch=args.batch, seq=args.seq, layers=0),
              "step": dict(hidden=args.chunk_hidden, batch=args.batch, seq=args.seq, layers=args.chunk_layers)}
     print(f"\n## Chunked cross-entropy: vocabulary {args.vocab}, batch {args.batch} x {args.seq} "
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=2, help="packed rows per batch")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=512, help="chunked: positions per row")
+    p.add_argument("--chunk-steps", type=int, default=3, help="chunked: timed steps per subprocess (median)")
     p.add_argument("--chunk-hidden", type=int, default=256)
     p.add_argument("--chunk-layers", type=int, default=2)
     p.add_argument("--fsdp-hidden", type=int, default=1024)

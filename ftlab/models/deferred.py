@@ -40,7 +40,8 @@ def safetensors_index(folder: str | Path) -> dict[str, Path] | None:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        return files if all(f.exists() for f in set(files.values())) else None  # a partly cached snapshot
     single = folder / "model.safetensors"
     if not single.exists():
         return None
@@ -99,7 +100,15 @@ class Placeholders:
         kept = [(m, kind, name, local(t).clone()) for m in root.modules()
                 for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items()
                 if t is not None and not t.is_meta]
+        shared: dict[int, list[tuple[nn.Module, str]]] = {}  # tied weights, which to_empty may untie
+        for module in root.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    shared.setdefault(id(p), []).append((module, name))
         root.to_empty(device=device)
+        for (first, first_name), *others in (group for group in shared.values() if len(group) > 1):
+            for module, name in others:  # FSDP2 keeps them tied; plain modules get one tensor each
+                module._parameters[name] = first._parameters[first_name]
         for module, kind, name, value in kept:
             local(getattr(module, kind)[name]).copy_(value)
         done: set[int] = set()
