@@ -6,8 +6,9 @@
 
 1. packing: real (non-pad) training tokens per second, padded batches vs packed rows, on the real
    length distribution of the Alpaca 5k subset (``--alpaca``; byte-level tokens, ``--max-length``
-   1024), ``tiny-llama`` scaled to ~21M parameters, LoRA r=16 on every linear layer, AdamW. The
-   two run alternately, one step each, from their own training orders; the number is all real
+   1024), ``tiny-llama`` scaled to ~18M parameters, LoRA r=16 on every linear layer, AdamW;
+   batches of 16 padded samples vs 8 packed rows (about the same real tokens: ~2 samples a row).
+   The two run alternately, one step each, from their own training orders; the number is all real
    tokens over all measured time of each (and the median step's), so long and short batches count
    as they train.
 2. chunked: peak memory and step time, ``CausalLM(chunked_loss=False)`` (plain logits) vs the
@@ -87,7 +88,7 @@ def packing(args) -> None:
     device = torch.device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     data = {}
-    for name, packed, batch in (("padded", False, args.batch), ("packed", True, args.rows)):
+    for name, packed, batch in (("padded", False, args.padded_batch), ("packed", True, args.rows)):
         dm = InstructionData(source=str(args.alpaca), max_length=args.max_length, batch_size=batch,
                              packing=packed, val_fraction=0.0)
         dm.setup("fit")
@@ -331,15 +332,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["packing", "chunked", "fsdp"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    p.add_argument("--steps", type=int, default=8, help="measured steps (packing: per configuration)")
+    p.add_argument("--steps", type=int, default=4, help="packing: measured steps per configuration")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="alternating subprocess runs per configuration")
     p.add_argument("--alpaca", default=str(ALPACA))
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=512, help="packing model and chunked loss part: hidden size")
     p.add_argument("--layers", type=int, default=8, help="packing model: blocks")
-    p.add_argument("--batch", type=int, default=4, help="padded samples per batch (packing); rows (chunked)")
-    p.add_argument("--rows", type=int, default=2, help="packed rows per batch")
+    p.add_argument("--padded-batch", type=int, default=16, help="packing: samples per padded batch")
+    p.add_argument("--rows", type=int, default=8, help="packing: rows per packed batch (~2 samples a row)")
+    p.add_argument("--batch", type=int, default=4, help="chunked: rows per batch")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=512, help="chunked: positions per row")
     p.add_argument("--chunk-steps", type=int, default=3, help="chunked: timed steps per subprocess (median)")
