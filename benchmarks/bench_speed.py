@@ -212,7 +212,8 @@ def _subprocess(kind: str, cfg: dict, env: dict | None = None) -> dict:
 
 def chunked(args) -> None:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    common = dict(device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab, steps=args.chunk_steps)
+    common = dict(device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab,
+                  steps=args.chunk_steps)
     parts = {"loss": dict(hidden=args.hidden, batch=args.batch, seq=args.seq, layers=0),
              "step": dict(hidden=args.chunk_hidden, batch=args.batch, seq=args.seq, layers=args.chunk_layers)}
     print(f"\n## Chunked cross-entropy: vocabulary {args.vocab}, batch {args.batch} x {args.seq} "
