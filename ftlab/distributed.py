@@ -49,6 +49,13 @@ def shard(module: nn.Module, model: nn.Module, mesh) -> None:
     fully_shard(module, mesh=dp_mesh, mp_policy=policy)
 
 
+def mesh_device(mesh) -> torch.device:
+    """This rank's device on ``mesh`` (its CUDA device, or the CPU under gloo)."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
 class ModelParallelStrategy(_LightningModelParallel):
     """Lightning's ``ModelParallelStrategy`` that resumes sharded checkpoints holding a subset of
     the model's tensors (the objective saves only what trains; Lightning's loader needs every key).
@@ -60,7 +67,10 @@ class ModelParallelStrategy(_LightningModelParallel):
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
             set_optimizer_state_dict,
         )
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftlab.data._io import DataError, Record, load_source, nonempty
@@ -29,10 +31,15 @@ class TokenizedData(L.LightningDataModule):
     """Rows from ``source`` -> ``encode`` per row -> ``collate`` per batch.
 
     Subclasses implement ``synthetic_rows(split)``, ``encode(row)`` (returning a dict with a
-    ``truncated`` flag) and ``collate(items, split)``.
+    ``truncated`` flag) and ``collate(items, split)``. Those that set ``packing_samples`` have their
+    training samples packed whole into rows of ``max_length`` (``ftlab.data.packing``): the training
+    split is then a list of rows, each one sample of the sampler. Those whose batches feed a per-token
+    loss implement ``targets_in(batch)``: the training loader then tells every batch how many such
+    tokens its whole gradient-accumulation window holds (``targets_in_step``).
     """
 
     name = "data"
+    packing_samples = False
 
     def __init__(
         self, source: str, tokenizer: str, max_length: int, batch_size: int, num_workers: int,
@@ -89,6 +96,8 @@ class TokenizedData(L.LightningDataModule):
         if not self.splits:
             for split, rows in self._splits().items():
                 self.splits[split] = self._encode_all(rows, split)
+            if self.packing_samples and self.splits["train"]:
+                self.splits["train"] = self._pack(self.splits["train"])
         # The test split is read only to test: a folder's test file may hold no labels (GLUE).
         if stage == "test" and "test" not in self.splits and self.source != "synthetic":
             rows = self.raw_rows("test") or []
@@ -114,8 +123,21 @@ class TokenizedData(L.LightningDataModule):
             log.warning("%s; they are left out", message)
         return kept
 
+    def _pack(self, items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        from ftlab.data.packing import efficiency, pack
+
+        rows = pack(items, self.max_length, self.seed)
+        log.info("%s: %d training samples packed into %d rows of up to %d tokens (%.1f%% real tokens)",
+                 type(self).__name__, len(items), len(rows), self.max_length,
+                 100 * efficiency(rows, self.max_length))
+        return rows
+
     def encode(self, row: Record) -> dict[str, Any]:
         raise NotImplementedError
+
+    def targets_in(self, batch: dict[str, Any]) -> int | None:
+        """Tokens of ``batch`` that the objective's loss averages over (None: not a per-token loss)."""
+        return None
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         raise NotImplementedError
@@ -124,12 +146,19 @@ class TokenizedData(L.LightningDataModule):
         items = self.splits.get(split)
         if not items:
             raise DataError(f"{type(self).__name__}: the {split} split is empty (source {self.source})")
-        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
-                      collate_fn=partial(self.collate, split=split))
+        collate = partial(self.collate, split=split)
+        if split == "train" and self.packing_samples:
+            from ftlab.data.packing import collate_packed
+
+            collate = partial(collate_packed, pad_id=self.tokenizer.pad_token_id)
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         if not shuffle:
             return DataLoader(items, **common)
         sampler = ResumableSampler(items, self.seed, self.trainer, self.batch_size)
-        return ResumableLoader(items, sampler=sampler, generator=torch.Generator().manual_seed(self.seed), **common)
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = ResumableLoader(items, sampler=sampler, generator=generator, **common)
+        loader.count_targets, loader.trainer = self.targets_in, self.trainer
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -171,10 +200,49 @@ class ResumableSampler(DistributedSampler):
         skip, self.skip = self.skip, 0
         return iter(order[skip:])
 
+    def batches_skipped(self, batch_size: int) -> int:
+        """Batches the next ``__iter__`` leaves out (those a resumed run already trained on)."""
+        return self.skip // batch_size
+
 
 class ResumableLoader(DataLoader):
     """A training loader over a ``ResumableSampler``. Its state is what the data order depends on;
-    Lightning saves it in checkpoints, and a resume that changed any of it gets a warning."""
+    Lightning saves it in checkpoints, and a resume that changed any of it gets a warning.
+
+    With ``count_targets`` (the data's per-token count) and a trainer, it reads each gradient-
+    accumulation window ahead and puts the window's count in every batch as ``targets_in_step``, so
+    the objective can divide the step's summed loss by all of its tokens, not average per-batch means
+    (which weighs a token of a short batch more than one of a long batch).
+    """
+
+    count_targets: Callable[[dict[str, Any]], int | None] | None = None
+    trainer: L.Trainer | None = None
+
+    def __iter__(self):
+        if self.count_targets is None or self.trainer is None:
+            return super().__iter__()
+        return self._windows(self.sampler.batches_skipped(self.batch_size), super().__iter__())
+
+    def _windows(self, first: int, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # Lightning steps the optimizer after batches whose 1-based index in the epoch is a multiple
+        # of accumulate_grad_batches, and after the epoch's last batch (num_training_batches).
+        k, last = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
+        index = first  # index in the epoch of the next batch
+        while True:
+            end = (index // k + 1) * k
+            if last != float("inf"):
+                end = min(end, int(last))
+            window = list(islice(batches, max(1, end - index)))
+            if not window:
+                return
+            counts = [self.count_targets(b) for b in window]
+            if any(c is None for c in counts):
+                yield from window
+            else:
+                for batch in window:
+                    batch["targets_in_step"] = sum(counts)
+                    yield batch
+            index += len(window)
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.sampler.seed, "batch_size": self.batch_size, "world_size": self.sampler.num_replicas,

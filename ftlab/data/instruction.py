@@ -4,6 +4,10 @@ Each record becomes ``prompt = template(instruction, input, system, history)`` a
 ``response = output + eos``. Labels are ``-100`` on prompt and padding tokens (loss on the
 response only) unless ``train_on_prompt``. Validation batches also carry left-padded prompts and
 reference outputs, so the objective can generate and score exact match.
+
+With ``packing`` the training samples are packed whole into rows of ``max_length`` tokens with
+positions restarting per sample (``ftlab.data.packing``): no padding inside a row and no attention
+across samples; ``batch_size`` then counts rows. Validation stays unpacked.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import DataError, Record, text
 from ftlab.data.templates import TEMPLATES, render
-from ftlab.losses.lm import IGNORE
+from ftlab.losses.lm import IGNORE, count_targets
 
 
 class InstructionData(TokenizedData):
@@ -37,8 +41,13 @@ class InstructionData(TokenizedData):
         synthetic_train_size: Training records of the synthetic task.
         synthetic_val_size: Validation records of the synthetic task (new words, disjoint seed).
         max_samples: Cap on the rows per split (quick experiments).
-        seed: Seed for shuffling and splitting.
+        seed: Seed for shuffling, splitting and packing.
+        packing: Pack whole training samples into rows of ``max_length`` (padding-free; positions
+            restart per sample, no attention across samples); ``batch_size`` then counts rows.
     """
+
+    #: Why this data cannot pack (None: it can).
+    cannot_pack: str | None = None
 
     def __init__(
         self,
@@ -56,8 +65,12 @@ class InstructionData(TokenizedData):
         synthetic_val_size: int = 200,
         max_samples: int | None = None,
         seed: int = 0,
+        packing: bool = False,
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        if packing and self.cannot_pack:
+            raise ValueError(f"{type(self).__name__} cannot pack: {self.cannot_pack}")
+        self.packing_samples = packing
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
         self.template, self.train_on_prompt = template, train_on_prompt
@@ -110,8 +123,13 @@ class InstructionData(TokenizedData):
             "attention_mask": pad([[1] * len(it["input_ids"]) for it in items], 0),
             "labels": pad([it["labels"] for it in items], IGNORE),
         }
+        if split == "train":
+            batch["packing_efficiency"] = float(batch["attention_mask"].float().mean())  # real / row tokens
         if split != "train":
             batch["prompt_ids"] = pad([it["prompt_ids"] for it in items], pad_id, left=True)  # (B, P)
             batch["prompt_mask"] = pad([[1] * len(it["prompt_ids"]) for it in items], 0, left=True)
             batch["references"] = [it["reference"] for it in items]
         return batch
+
+    def targets_in(self, batch: dict[str, Any]) -> int:
+        return count_targets(batch["labels"])

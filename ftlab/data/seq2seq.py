@@ -22,6 +22,9 @@ class Seq2SeqData(InstructionData):
     """Alpaca-style instructions as source -> target pairs (arguments as for ``InstructionData``;
     ``max_length`` caps the source and the target each, and ``train_on_prompt`` does not apply)."""
 
+    cannot_pack = ("T5 and BART take no position_ids, so transformers cannot mask packed samples apart; "
+                   "set packing false")
+
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         tok = self.tokenizer
         prompt, response = self.prompt_and_response(row)
@@ -44,3 +47,6 @@ class Seq2SeqData(InstructionData):
             batch["prompt_ids"], batch["prompt_mask"] = batch["input_ids"], batch["attention_mask"]
             batch["references"] = [it["reference"] for it in items]
         return batch
+
+    def targets_in(self, batch: dict[str, Any]) -> int:
+        return int((batch["labels"] != IGNORE).sum())  # the decoder learns every target token

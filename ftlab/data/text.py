@@ -1,20 +1,25 @@
 """Plain text for causal language modelling (pretraining, or SFT on a text field).
 
 Each row's ``text_field`` is tokenized (plus eos) and cut to ``max_length``, as TRL's
-SFTTrainer does with ``dataset_text_field`` / ``max_seq_length``. With ``packing`` the token
-streams are concatenated and cut into ``max_length`` blocks; the shorter remainder at the end is
-dropped (as ``transformers``' ``group_texts`` does), so every step trains on exactly batch x
-max_length tokens, the same on every rank.
+SFTTrainer does with ``dataset_text_field`` / ``max_seq_length``. Two ways to pack:
+
+- ``packing: stream`` (or ``true``), for pretraining: the token streams are concatenated and cut
+  into ``max_length`` blocks; the shorter remainder at the end is dropped (as ``transformers``'
+  ``group_texts`` does), so every step trains on exactly batch x max_length tokens, the same on
+  every rank. A block's tokens attend to the documents before them in the block.
+- ``packing: samples``, for SFT on a text field: whole documents packed into rows of up to
+  ``max_length`` tokens, positions restarting per document, so none attends to another
+  (``ftlab.data.packing``); ``batch_size`` counts rows. Validation stays unpacked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import Record, text
-from ftlab.data.instruction import IGNORE
+from ftlab.losses.lm import IGNORE, count_targets
 
 
 class TextData(TokenizedData):
@@ -25,7 +30,9 @@ class TextData(TokenizedData):
         tokenizer: Backbone whose tokenizer to use (linked from ``model.backbone.name_or_path``).
         text_field: Column holding the text.
         max_length: Tokens per sample (or per packed block).
-        packing: Concatenate samples and cut the stream into full ``max_length`` blocks.
+        packing: ``stream`` (or ``true``): concatenate documents and cut the stream into full
+            ``max_length`` blocks (pretraining); ``samples``: pack whole documents into rows of up to
+            ``max_length`` with positions restarting per document (SFT, no attention across them).
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
         val_source: Separate validation file (else ``val_fraction`` of the rows).
@@ -41,7 +48,7 @@ class TextData(TokenizedData):
         tokenizer: str = "tiny-llama",
         text_field: str = "text",
         max_length: int = 256,
-        packing: bool = False,
+        packing: bool | Literal["stream", "samples"] = False,
         batch_size: int = 16,
         num_workers: int = 0,
         val_source: str | None = None,
@@ -51,7 +58,11 @@ class TextData(TokenizedData):
         seed: int = 0,
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
-        self.text_field, self.packing, self.synthetic_size = text_field, packing, synthetic_size
+        if packing not in (False, True, "stream", "samples"):
+            raise ValueError(f"packing must be false, true, 'stream' or 'samples', got {packing!r}")
+        self.text_field, self.synthetic_size = text_field, synthetic_size
+        self.packing = packing in (True, "stream")  # the token stream, cut into blocks
+        self.packing_samples = packing == "samples"
 
     def synthetic_rows(self, split: str) -> list[Record]:
         n = self.synthetic_size if split == "train" else max(1, int(self.synthetic_size * self.val_fraction))
@@ -78,4 +89,10 @@ class TextData(TokenizedData):
         ids = pad([it["input_ids"] for it in items], self.tokenizer.pad_token_id)
         mask = pad([[1] * len(it["input_ids"]) for it in items], 0)
         labels = ids.masked_fill(mask == 0, IGNORE)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if split == "train":
+            batch["packing_efficiency"] = float(mask.float().mean())  # real / row tokens
+        return batch
+
+    def targets_in(self, batch: dict[str, Any]) -> int:
+        return count_targets(batch["labels"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from ftlab.models.tokenizer import VOCAB_SIZE, byte_tokenizer
+
+log = logging.getLogger("ftlab")
 
 Kind = Literal["causal_lm", "encoder", "sequence_classification", "seq2seq_lm"]
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -92,6 +95,9 @@ class Backbone:
     config_overrides: dict[str, Any] | None = None
     load_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    _empty = False  # inside empty_for_sharding (not a field: no CLI argument)
+    placeholders = None  # what the checkpoint fills after sharding, when load built the model empty
+
     # ----------------------------------------------------------------------------- tokenizer
     def tokenizer(self):
         """The tokenizer that goes with this backbone (always with a pad token)."""
@@ -123,7 +129,10 @@ class Backbone:
         """Build the model of ``kind`` (``causal_lm``, ``encoder``, ``sequence_classification``,
         ``seq2seq_lm``)."""
         from transformers import (
-            AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoModelForSequenceClassification,
         )
 
         auto = {
@@ -137,19 +146,11 @@ class Backbone:
         common: dict[str, Any] = {"dtype": dtype}
         if self.attn_implementation:
             common["attn_implementation"] = self.attn_implementation
+        self.placeholders = None
         with self._build_errors(kind, cfg):
-            if self.name_or_path in _BUILT:
-                model = auto.from_config(cfg, **common)
-                if self.name_or_path == "tiny-llama" and self.pretrained and not self.config_overrides:
-                    _load_tiny_llama_weights(model)
-            elif not self.pretrained:
-                model = auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
-            else:
-                with self._load_errors("weights"):
-                    model = auto.from_pretrained(
-                        self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
-                        **common, **self.load_kwargs,
-                    )
+            model = self._build_empty(auto, cfg, common) if self._empty else None
+            if model is None:
+                model = self._build(auto, cfg, common)
         model.train()  # from_pretrained returns eval mode: dropout would stay off in training
         if self.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs and with DDP.
@@ -159,6 +160,63 @@ class Backbone:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
+        return model
+
+    def _build(self, auto, cfg, common: dict[str, Any]) -> torch.nn.Module:
+        if self.name_or_path in _BUILT:
+            model = auto.from_config(cfg, **common)
+            if self.name_or_path == "tiny-llama" and self.pretrained and not self.config_overrides:
+                _load_tiny_llama_weights(model)
+            return model
+        if not self.pretrained:
+            return auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
+        with self._load_errors("weights"):
+            return auto.from_pretrained(
+                self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
+                **common, **self.load_kwargs,
+            )
+
+    @contextmanager
+    def empty_for_sharding(self) -> Iterator[None]:
+        """Inside, ``load`` builds the model without reading its weights when it can: parameters the
+        checkpoint holds are placeholders taking no memory, to be filled shard by shard after FSDP2
+        has sharded the model (``ftlab.models.deferred``); ``self.placeholders`` is then set, else
+        None and the model was loaded as usual."""
+        self._empty = True
+        try:
+            yield
+        finally:
+            self._empty = False
+
+    def _build_empty(self, auto, cfg, common: dict[str, Any]) -> torch.nn.Module | None:
+        """An empty-built pretrained model with placeholders, or None when the weights cannot be
+        filled that way: random init, ftlab's presets (built in code), loading options (quantization),
+        or no safetensors checkpoint whose names match the model."""
+        from ftlab.models.deferred import build_empty, safetensors_index
+
+        if not self.pretrained or self.name_or_path in _BUILT or self.load_kwargs:
+            return None
+        folder = self._resolved_path()
+        if not Path(folder).exists():  # a hub name: its cached snapshot, if complete
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = snapshot_download(folder, local_files_only=True)
+            except Exception:  # noqa: BLE001 - not cached: the plain load says what is wrong
+                return None
+        files = safetensors_index(folder)
+        if files is None:
+            return None
+        try:
+            model, placeholders = build_empty(auto, cfg, files, trust_remote_code=self.trust_remote_code,
+                                              **common)
+        except RuntimeError as err:  # e.g. model code that initialises weights in place, not via transformers
+            log.info("loading %s whole: cannot build it empty (%s)", self.name_or_path,
+                     str(err).splitlines()[0])
+            return None
+        if not placeholders.sources:
+            return None
+        self.placeholders = placeholders
         return model
 
     # ----------------------------------------------------------------------------- identity

@@ -61,9 +61,42 @@ class Objective(L.LightningModule):
         raise NotImplementedError
 
     def configure_model(self) -> None:
+        """Build the backbone, apply the method (or load the adapter), and under a device mesh shard it
+        with FSDP2. Sharded, a pretrained safetensors checkpoint is read shard by shard: the model is
+        built empty, sharded, then each rank reads its own rows (``ftlab.models.deferred``), unless
+        the method needs the base weights to start (QLoRA, PiSSA, DoRA...)."""
         if self.model is not None:  # Lightning may call this more than once
             return
-        trunk = self.build()
+        placeholders = None
+        if self.device_mesh is not None:
+            rng = torch.random.get_rng_state()
+            try:
+                with self.backbone.empty_for_sharding():
+                    self._adapt(self.build())
+                placeholders = self.backbone.placeholders
+                reason = placeholders.check(self.model) if placeholders is not None else None
+            except RuntimeError as err:  # e.g. PiSSA writing into a placeholder; a real error comes back
+                if self.backbone.placeholders is None:
+                    raise
+                placeholders = self.backbone.placeholders
+                reason = f"the method wrote into the base weights ({err})"
+            if reason:  # start again from a plain load, with the random state it would have had
+                log.info("FSDP: every rank loads %s whole: %s", self.backbone.name_or_path, reason)
+                torch.random.set_rng_state(rng)
+                self.model, placeholders = None, None
+        if self.model is None:
+            self._adapt(self.build())
+        if placeholders is not None:
+            placeholders.to_meta(self.model)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 per transformer block
+            from ftlab.distributed import mesh_device, shard
+
+            shard(self, self.model, self.device_mesh)
+        if placeholders is not None:
+            n = placeholders.fill(self, mesh_device(self.device_mesh))
+            log.info("FSDP: each rank read its shard of %d tensors from %s", n, self.backbone.name_or_path)
+
+    def _adapt(self, trunk: nn.Module) -> None:
         self.model = trunk
         self._check_positions()
         if self.adapter_path:
@@ -73,10 +106,6 @@ class Objective(L.LightningModule):
             self.method.apply(trunk)
         for name in self.heads:
             getattr(self, name).requires_grad_(True)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 per transformer block
-            from ftlab.distributed import shard
-
-            shard(self, self.model, self.device_mesh)
 
     def load_adapter(self, path: str) -> tuple[Method, dict[str, torch.Tensor]]:
         if (Path(path) / io.PEFT_CONFIG).exists():
