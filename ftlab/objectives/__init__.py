@@ -5,8 +5,14 @@ from ftlab.objectives.contrastive import Contrastive
 from ftlab.objectives.reward_model import RewardModel
 from ftlab.objectives.sequence_classifier import SequenceClassifier
 from ftlab.objectives.dpo import DPO
+from ftlab.objectives.kto import KTO
+from ftlab.objectives.orpo import ORPO
+from ftlab.objectives.simpo import SimPO
 from ftlab.objectives.ppo import PPO
+from ftlab.objectives.grpo import GRPO
+from ftlab.objectives.rloo import RLOO
 
 __all__ = ["CausalLM", "SequenceClassifier"]
 __all__ += ["Contrastive", "RewardModel"]
-__all__ += ["DPO", "PPO"]
+__all__ += ["DPO", "KTO", "ORPO", "SimPO"]
+__all__ += ["PPO", "GRPO", "RLOO"]

@@ -105,10 +105,10 @@ def test_rollout_log_probs_match_generation_with_left_padding():
     model.eval()  # as in the rollout: GPT-2's dropout would change the sampled tokens
     out = model.model.generate(**batch, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                output_logits=True, return_dict_in_generate=True, **model.generation_kwargs)
-    assert torch.equal(out.sequences[:, batch["input_ids"].size(1):], ro["responses"])
-    generated = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro["responses"].unsqueeze(-1)).squeeze(-1)
-    m = ro["response_mask"].bool()
-    assert torch.allclose(generated[m], ro["logprobs"][m], atol=1e-4)
+    assert torch.equal(out.sequences[:, batch["input_ids"].size(1):], ro.responses)
+    generated = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    m = ro.response_mask.bool()
+    assert torch.allclose(generated[m], ro.logprobs[m], atol=1e-4)
 
 
 def test_reward_model_checkpoint_scores_as_its_training_data_encodes(tmp_path):
@@ -119,9 +119,10 @@ def test_reward_model_checkpoint_scores_as_its_training_data_encodes(tmp_path):
     path = rm.save_adapter(tmp_path / "rm")
     model = PPO(Backbone(), LoRA(rank=2), reward_model=str(path), chunk_size=2)
     model.configure_model()
-    assert model._reward_model is not None and "_reward_model" not in dict(model.named_modules())
+    rm_loaded = model.rewards.sources[0]["model"]
+    assert rm_loaded is not None and not any(m is rm_loaded for m in model.modules())  # not trained, not saved
     prompts, responses = ["Twice fen is", "hira in capitals is", "42 + 17 ="], [" fen fen.", "HIRA.", " 59"]
-    scores = model.score(prompts, responses)
+    scores, _ = model.rewards(prompts, responses)
     data = PreferenceData(max_length=64)
     rm.eval()
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
 
 def test_prompts_longer_than_the_context_leaves_room_for():
     small = Backbone(pretrained=False, config_overrides={"max_position_embeddings": 64})
-    with pytest.raises(ValueError, match="max_length=48 tokens plus max_new_tokens=32 exceed tiny-llama's 64 positions"):
+    with pytest.raises(ValueError, match="prompts of 48 tokens plus max_new_tokens=32 exceed tiny-llama's 64 positions"):
         PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_length=48, max_new_tokens=32).configure_model()
     model = PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_new_tokens=32)
     model.configure_model()
@@ -159,9 +160,9 @@ def test_prompts_longer_than_the_context_leaves_room_for():
 
 
 def test_other_mistakes_are_clear_errors():
-    with pytest.raises(ValueError, match="exactly one reward"):
+    with pytest.raises(ValueError, match="reward_fn or reward_model, not both"):
         PPO(reward_fn="ftlab.rewards.has_char", reward_model="somewhere")
-    with pytest.raises(ValueError, match="exactly one reward"):
+    with pytest.raises(ValueError, match="PPO needs a reward"):
         PPO()
     with pytest.raises(ValueError, match="cannot be imported"):
         PPO(reward_fn="ftlab.rewards.no_such_reward")
@@ -169,7 +170,7 @@ def test_other_mistakes_are_clear_errors():
         PPO(Backbone(pretrained=False), Full(), reward_fn="ftlab.rewards.has_char").configure_model()
     model = PPO(Backbone(pretrained=False), LoRA(rank=2), reward_fn="tests.objectives.test_ppo.one_score")
     with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
-        model.score(["a", "b"], ["c", "d"])
+        model.rewards(["a", "b"], ["c", "d"])
 
 
 def one_score(prompts, responses):
