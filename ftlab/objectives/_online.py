@@ -2,7 +2,9 @@
 
 An on-policy objective samples its own responses to the batch's prompts (``ftlab.rollouts``),
 scores them (``ftlab.rewards.Rewards``), then takes several optimizer steps on those rollouts
-(Lightning manual optimisation: ``trainer.max_steps`` counts optimizer steps, not iterations).
+(Lightning manual optimisation). One training batch is one iteration: bound a run by iterations
+(``trainer.limit_train_batches``, ``max_epochs``), since ``trainer.max_steps`` counts optimizer steps,
+whose number per iteration varies with ``target_kl``. The scheduler steps once per iteration.
 The reference policy is the frozen base, the same model with the method switched off
 (``ftlab.rollouts.frozen_base``). Dropout is off throughout, in rollouts and in updates, so the
 ratio ``π / π_old`` of an update is 1 until the weights change.
@@ -117,7 +119,7 @@ class OnlineObjective(Objective):
         the one that sampled the rollouts. Returns the statistics averaged over the steps taken, or
         None after a non-finite loss (no step taken; ``StopOnNonFinite`` ends the run).
         """
-        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt = self.optimizers()
         size = self.mini_batch_size or n
         sums: dict[str, float] = {}
         steps = 0
@@ -134,8 +136,6 @@ class OnlineObjective(Objective):
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-                if sched is not None:
-                    sched.step()
                 for k, v in {"loss": loss, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
                 steps += 1
@@ -150,6 +150,9 @@ class OnlineObjective(Objective):
             stats = self.iteration(batch)
         if stats is None:
             return self._last_loss
+        sched = self.lr_schedulers()
+        if sched is not None:  # once per iteration: the run's length in iterations is known, in steps it is not
+            sched.step()
         self.history.append(stats)
         n = int(stats.pop("rollouts"))
         shown = ("reward", "kl")

@@ -11,9 +11,9 @@ in ``ftlab.losses.ppo``. One training step is one PPO iteration:
    memory); ``β`` follows the adaptive KL controller (``init_kl_coef``, ``target``, ``horizon``);
 4. advantages by GAE (``gamma``, ``lam``), whitened;
 5. ``ppo_epochs`` passes over the rollouts in mini-batches: clipped policy loss (``cliprange``)
-   plus ``vf_coef`` × clipped value loss (``cliprange_value``), one optimizer step each
-   (Lightning manual optimisation: ``trainer.max_steps`` counts these steps). The passes stop
-   early once the policy has moved ``target_kl`` from the one that sampled the rollouts.
+   plus ``vf_coef`` × clipped value loss (``cliprange_value``), one optimizer step each. The
+   passes stop early once the policy has moved ``target_kl`` from the one that sampled the
+   rollouts, so bound a run in iterations (``trainer.limit_train_batches``, ``max_epochs``).
 
 Why ``target_kl``: clipping the ratio zeroes the gradient of a token that left ``[1 − ε, 1 + ε]``,
 but the shared weights keep moving it through every other token's gradient. Measured on the
@@ -66,7 +66,7 @@ class PPO(OnlineObjective):
         method: How the policy adapts it; it must be switchable off (LoRA, QLoRA, Adapter,
             PrefixTuning, PromptTuning) since the reference policy is the frozen base.
         optimizer: Optimizer class and arguments (method parameters and value head).
-        scheduler: Learning-rate scheduler, stepped once per optimizer step.
+        scheduler: Learning-rate scheduler, stepped once per iteration.
         adapter: Start from a saved adapter (e.g. the SFT run's) instead of a fresh method.
         max_length: Prompt tokens (linked from the data); with ``max_new_tokens`` it must fit the model.
         reward_fn: Import path of a reward function ``f(prompts, responses, **reward_kwargs)`` returning

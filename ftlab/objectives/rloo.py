@@ -33,7 +33,7 @@ class RLOO(GRPO):
         method: How the policy adapts it; it must be switchable off (LoRA, QLoRA, Adapter,
             PrefixTuning, PromptTuning) since the reference policy is the frozen base.
         optimizer: Optimizer class and arguments (the method's parameters).
-        scheduler: Learning-rate scheduler, stepped once per optimizer step.
+        scheduler: Learning-rate scheduler, stepped once per iteration.
         adapter: Start from a saved adapter instead of a fresh method.
         max_length: Prompt tokens (linked from the data); with ``max_new_tokens`` it must fit the model.
         reward_fn: Import path of a reward function ``f(prompts, responses, **reward_kwargs)``.

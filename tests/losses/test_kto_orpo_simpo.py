@@ -42,7 +42,7 @@ def test_orpo_by_hand_and_gradient_signs():
     odds_r = -1.0 - math.log(1 - math.exp(-1.0))
     assert log_odds(chosen).item() == pytest.approx(odds_c, abs=1e-6)
     assert log_odds_ratio(chosen, rejected).item() == pytest.approx(odds_c - odds_r, abs=1e-6)
-    loss, nll, log_or = orpo_loss(chosen, rejected, lam=0.1)
+    loss, nll, _ = orpo_loss(chosen, rejected, lam=0.1)
     assert nll.item() == pytest.approx(0.5)
     assert loss.item() == pytest.approx(0.5 + 0.1 * math.log1p(math.exp(-(odds_c - odds_r))), abs=1e-6)
     loss.backward()

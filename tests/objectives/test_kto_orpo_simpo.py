@@ -10,7 +10,7 @@ from ftlab.objectives import DPO, KTO, ORPO, SimPO
 from ftlab.peft import Full, LoRA
 from ftlab.preference_logps import response_labels, sequence_logps
 
-LORA = dict(rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def _fit(model, dm, tmp_path, steps):
