@@ -129,8 +129,11 @@ class OnlineObjective(Objective):
                 if not torch.isfinite(loss):
                     self._last_loss = loss.detach()
                     return None
-                if target_kl is not None and steps and float(stats["approx_kl"]) > target_kl:
-                    return self._averaged(sums, steps, stopped=True)
+                if target_kl is not None and steps:
+                    # every process must take the same decision (DDP steps together): the mean over ranks
+                    moved = float(self.trainer.strategy.reduce(stats["approx_kl"].detach(), reduce_op="mean"))
+                    if moved > target_kl:
+                        return self._averaged(sums, steps, stopped=True)
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if self.max_grad_norm:
