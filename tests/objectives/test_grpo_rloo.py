@@ -84,3 +84,19 @@ def test_bad_input_is_one_clear_error():
         GRPO(reward_fn="ftlab.rewards.has_char", kl_penalty="k2")
     with pytest.raises(ValueError, match="GRPO needs a reward"):
         GRPO()
+
+
+def test_bad_input_from_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
+    import logging
+    from pathlib import Path
+
+    from ftlab.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[2])
+    # the CLI adds its log handler once, on the stderr of the first call: give this call's stderr its own
+    monkeypatch.setattr(logging.getLogger("ftlab"), "handlers", [])
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "configs/grpo.yaml", "--model.init_args.num_generations", "1",
+              "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "num_generations must be >= 2, got 1" in err and "Traceback" not in err, err
