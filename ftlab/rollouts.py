@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -146,11 +146,6 @@ class Rollout:
     def kl(self) -> torch.Tensor:
         """Per-token ``log π_old − log π_ref`` on response tokens (N, R); its row sum samples KL(π‖π_ref)."""
         return (self.logprobs - self.ref_logprobs) * self.response_mask
-
-    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors of the rows ``idx`` (a mini-batch), by field name."""
-        return {f.name: getattr(self, f.name)[idx] for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).dim() > 0}
 
 
 def rollout(

@@ -28,8 +28,8 @@ import torch
 from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import DataError, Record, require
 from ftlab.data.pairs import special_frame
-from ftlab.data.synthetic import CONSONANTS, VOWELS, instruction_rows, make_word
-from ftlab.data.templates import TEMPLATES, render
+from ftlab.data.synthetic import make_word
+from ftlab.data.templates import TEMPLATES
 from ftlab.losses.logprobs import IGNORE
 
 log = logging.getLogger("ftlab")
@@ -161,47 +161,6 @@ def encode_response(tokenizer, frame: tuple[list[int], list[int]], prompt: str, 
     return head + (p[-keep_p:] if keep_p else []) + r[:keep_r] + tail, True, len(head) + keep_p
 
 
-def wrong_answer(task: str, inp: str, answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer to one of the embedded instruction tasks (``ftlab.data.synthetic``):
-    the mistakes a person grading the task would mark wrong, never the right answer itself."""
-    def typo(text: str) -> str:
-        i = rng.randrange(len(text))
-        pool = "0123456789" if text[i].isdigit() else (CONSONANTS + VOWELS)
-        letter = rng.choice([c for c in pool if c != text[i].lower()])
-        return text[:i] + (letter.upper() if text[i].isupper() else letter) + text[i + 1:]
-
-    word = inp
-    if task == "add":
-        a, b = (int(x) for x in inp.split(" + "))
-        total = a + b
-        options = [str(total + rng.choice([-10, -2, -1, 1, 2, 10])), str(a) + str(b), str(max(a, b)), typo(answer)]
-    else:
-        options = {
-            "reverse": [word, typo(answer), answer[1:], answer.upper()],
-            "upper": [word, word.capitalize(), typo(answer), answer[::-1]],
-            "repeat": [word, f"{word} {word} {word}", f"{word} {typo(word)}", word + word],
-        }[task]
-    options = [o for o in options if o != answer and o.strip()]
-    return rng.choice(options)
-
-
-def instruction_pairs(n: int, seed: int = 0, template: str = "alpaca_short") -> list[Record]:
-    """``n`` comparison pairs on the embedded instruction task: the prompt as ``InstructionData``
-    renders it, the correct answer chosen, a plausible wrong one (``wrong_answer``) rejected.
-
-    The rule is the one a person would apply (is the answer right?), so a reward model trained on
-    these pairs can be checked against it (``ftlab.rewards.instruction_following``).
-    """
-    rng = random.Random(f"instruction-pairs-{seed}")
-    rows = []
-    for i, row in enumerate(instruction_rows(n, seed)):
-        prompt = render(template, row["instruction"], row["input"])
-        rows.append({"prompt": prompt, "chosen": row["output"],
-                     "rejected": wrong_answer(row["task"], row["input"], row["output"], rng),
-                     "_where": f"synthetic instruction pair {i}"})
-    return rows
-
-
 class PreferenceData(TokenizedData):
     """Preference pairs for ``RewardModel`` (and pairwise objectives).
 
@@ -226,7 +185,7 @@ class PreferenceData(TokenizedData):
         synthetic_size: Training pairs of the synthetic task (validation: a tenth, at least 64).
         synthetic_task: ``courtesy`` (courteous answers beat rude ones) or ``instructions``: the
             embedded instruction task, its correct answer over a plausible wrong one (see
-            ``instruction_pairs``); set ``min_words: 0``, since its answers are single words.
+            ``ftlab.data.rule_pairs``); set ``min_words: 0``, since its answers are single words.
         template: Prompt template of the ``instructions`` task (as ``InstructionData``'s).
     """
 
@@ -269,6 +228,8 @@ class PreferenceData(TokenizedData):
     # ------------------------------------------------------------------ rows
     def synthetic_rows(self, split: str) -> list[Record]:
         if self.synthetic_task == "instructions":
+            from ftlab.data.rule_pairs import instruction_pairs
+
             n = self.synthetic_size if split == "train" else max(64, self.synthetic_size // 10)
             return instruction_pairs(n, self.seed if split == "train" else self.seed + 1_000_003, self.template)
         rng = random.Random(f"preference-{self.seed}-{split}")

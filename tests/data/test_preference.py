@@ -170,7 +170,7 @@ def test_pair_batches_label_the_responses_only():
 
 
 def test_instruction_pairs_prefer_the_correct_answer_to_a_plausible_wrong_one():
-    from ftlab.data.preference import instruction_pairs
+    from ftlab.data.rule_pairs import instruction_pairs
     from ftlab.rewards import instruction_answer, instruction_following
 
     pairs = instruction_pairs(200, seed=3)
