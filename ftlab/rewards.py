@@ -198,8 +198,10 @@ class Rewards:
 def load_reward_model(path: str, tokenizer, policy_name: str, backbone: Any = None, kwargs: dict | None = None):
     """An ftlab ``RewardModel`` from its adapter directory, frozen, in eval mode.
 
-    Refused with a clear error: a directory that is not an adapter, an adapter of another
-    objective, and a reward model whose tokenizer differs from the policy's (``tokenizer``).
+    A reward model trained from an SFT model (``base_adapter``) gets the same SFT adapter folded in
+    first, from the path its adapter file records. Refused with a clear error: a directory that is
+    not an adapter, an adapter of another objective, a missing or different SFT adapter, and a
+    reward model whose tokenizer differs from the policy's (``tokenizer``).
     """
     from ftlab.models.backbone import Backbone
     from ftlab.objectives.reward_model import RewardModel
@@ -225,6 +227,14 @@ def load_reward_model(path: str, tokenizer, policy_name: str, backbone: Any = No
             f"policy's ({policy_name}: {len(tokenizer)} tokens): it would score other tokens than the policy "
             "wrote; train the reward model on the policy's backbone"
         )
-    rm = RewardModel(backbone, adapter=str(folder), **(kwargs or {}))
+    kwargs = dict(kwargs or {})
+    stacked = meta.get("extra", {}).get("base_adapter")
+    if stacked and "base_adapter" not in kwargs:  # trained from an SFT model: fold the same SFT adapter first
+        if not Path(stacked["path"]).exists():
+            raise ValueError(f"reward_model {folder} was trained on top of base_adapter {stacked['path']}, which is "
+                             "not there (paths are relative to where the run started): give its place with "
+                             "kwargs: {base_adapter: PATH} (reward_kwargs for reward_model)")
+        kwargs["base_adapter"] = stacked["path"]
+    rm = RewardModel(backbone, adapter=str(folder), **kwargs)
     rm.configure_model()
     return rm.eval().requires_grad_(False)

@@ -3,7 +3,9 @@ log-probs of the policy and of the reference for exactly those tokens.
 
 The reference policy is the frozen base: the *same* model with the method switched off, so one
 base sits in memory. ``frozen_base`` is the only place that asks a method for that switch; every
-reference log-prob in ftlab's preference and RL objectives goes through it.
+reference log-prob in ftlab's preference and RL objectives goes through it. ``sft_model`` makes an
+earlier run's adapter part of that base (RLHF's SFT step folded into the weights: the SFT model is
+then both where the policy starts and the reference it is kept near, as in InstructGPT).
 
 Rollouts run with dropout off (``eval_mode``), and so do the updates that reuse their
 log-probs: the ratio ``π / π_old`` then starts at exactly 1 and moves only when the weights do.
@@ -14,9 +16,11 @@ Tensors are laid out as prompts left-padded to P tokens, then R response tokens:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +42,67 @@ def frozen_base(model: nn.Module, method: Any) -> Callable[[], AbstractContextMa
     if not can_disable(model):
         return None
     return lambda: base_model(model)
+
+
+# ---------------------------------------------------------------------------------- an SFT base
+def sft_model(backbone: Any, adapter: str, owner: str = "objective") -> nn.Module:
+    """``backbone`` as a causal LM with a ``CausalLM`` run's adapter (the SFT step's) folded into its
+    weights, as ``ftlab export`` folds it, but in memory: a plain model whose frozen weights *are*
+    the SFT model. A method applied afterwards trains beside it and switches off to give it back.
+    """
+    from ftlab.export import merge_into_base
+    from ftlab.peft import io
+
+    meta, _ = io.read_adapter(adapter)
+    objective = meta.get("extra", {}).get("objective", "")
+    if not objective.endswith(".CausalLM"):
+        raise ValueError(f"{owner}: base_adapter {adapter} was saved by {objective or 'an unknown objective'}; "
+                         "it must be a CausalLM run's adapter (the SFT step), to be folded into the base")
+    model = backbone.load("causal_lm")
+    method, extra = io.load_adapter(adapter, model, backbone.fingerprint(model))
+    if extra:
+        raise ValueError(f"{owner}: base_adapter {adapter} holds objective heads ({', '.join(sorted(extra))[:80]})")
+    merge_into_base(model, method)
+    model.requires_grad_(False)  # the method applied next decides what trains
+    return model
+
+
+def adapter_digest(adapter: str) -> str:
+    """A short hash of an adapter's weights: what a stacked adapter records of the one beneath it."""
+    import hashlib
+
+    from ftlab.peft import io
+
+    path = Path(adapter) / io.WEIGHTS
+    if not path.exists():
+        raise ValueError(f"base_adapter {adapter} is not an ftlab adapter directory ({io.WEIGHTS} is missing)")
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+
+
+def base_adapter_record(base_adapter: str | None) -> dict[str, Any]:
+    """What an adapter file trained on ``base_adapter`` records of it (``adapter_extra``); {} without one."""
+    if not base_adapter:
+        return {}
+    return {"base_adapter": {"path": str(base_adapter), "digest": adapter_digest(base_adapter)}}
+
+
+def check_base_adapter(adapter: str, base_adapter: str | None, owner: str = "objective") -> None:
+    """Refuse to load ``adapter`` onto another base than the one it was trained on: the adapter file
+    records the digest of the ``base_adapter`` folded beneath it (or none)."""
+    from ftlab.peft import io
+
+    config = Path(adapter) / io.CONFIG
+    if not config.exists():  # a PEFT adapter or a missing folder: the loader says what is wrong
+        return
+    saved = json.loads(config.read_text()).get("extra", {}).get("base_adapter")
+    if saved is None and base_adapter is None:
+        return
+    if saved is None:
+        raise ValueError(f"{owner}: adapter {adapter} was trained on the plain backbone, not on base_adapter "
+                         f"{base_adapter}: drop base_adapter")
+    if base_adapter is None or adapter_digest(base_adapter) != saved["digest"]:
+        raise ValueError(f"{owner}: adapter {adapter} was trained on top of base_adapter {saved['path']} "
+                         f"(digest {saved['digest']}), not {base_adapter}: set base_adapter: {saved['path']}")
 
 
 @contextmanager

@@ -6,7 +6,8 @@ scores them (``ftlab.rewards.Rewards``), then takes several optimizer steps on t
 (``trainer.limit_train_batches``, ``max_epochs``), since ``trainer.max_steps`` counts optimizer steps,
 whose number per iteration varies with ``target_kl``. The scheduler steps once per iteration.
 The reference policy is the frozen base, the same model with the method switched off
-(``ftlab.rollouts.frozen_base``). Dropout is off throughout, in rollouts and in updates, so the
+(``ftlab.rollouts.frozen_base``); with ``base_adapter`` (the SFT step's adapter) folded into it, that
+base is the SFT model. Dropout is off throughout, in rollouts and in updates, so the
 ratio ``π / π_old`` of an update is 1 until the weights change.
 
 Subclasses implement ``training_step`` (one iteration) and call ``rollout`` and ``update``.
@@ -21,7 +22,15 @@ import torch
 
 from ftlab.objectives._base import Objective, _describe
 from ftlab.rewards import Rewards
-from ftlab.rollouts import Rollout, check_budget, eval_mode, frozen_base
+from ftlab.rollouts import (
+    Rollout,
+    base_adapter_record,
+    check_base_adapter,
+    check_budget,
+    eval_mode,
+    frozen_base,
+    sft_model,
+)
 from ftlab.rollouts import rollout as sample_rollout
 
 
@@ -33,9 +42,10 @@ class OnlineObjective(Objective):
         reward_fn: str | None, reward_model: str | None, reward_backbone: Any, reward_kwargs: dict | None,
         rewards: list[dict[str, Any]] | None, chunk_size: int, mini_batch_size: int | None, epochs: int,
         max_new_tokens: int, generation_kwargs: dict | None, val_generation_kwargs: dict | None,
-        max_grad_norm: float | None,
+        max_grad_norm: float | None, base_adapter: str | None = None,
     ):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
+        self.base_adapter = base_adapter
         name = type(self).__name__
         if reward_fn is not None and reward_model is not None:
             raise ValueError(f"{name} takes reward_fn or reward_model, not both (exactly one reward source each; "
@@ -65,11 +75,15 @@ class OnlineObjective(Objective):
 
     # ------------------------------------------------------------------ model
     def build(self):
+        if self.base_adapter:
+            return sft_model(self.backbone, self.base_adapter, type(self).__name__)
         return self.backbone.load("causal_lm")
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if self.adapter_path:
+            check_base_adapter(self.adapter_path, self.base_adapter, type(self).__name__)
         super().configure_model()
         self.reference = frozen_base(self.model, self.method)
         if self.reference is None:
@@ -79,6 +93,9 @@ class OnlineObjective(Objective):
                 "that adds modules beside a frozen base (LoRA, QLoRA, Adapter, PrefixTuning, PromptTuning)"
             )
         self.rewards.setup(self.tokenizer, self.backbone.name_or_path)
+
+    def adapter_extra(self) -> dict[str, Any]:
+        return base_adapter_record(self.base_adapter)
 
     def _check_positions(self) -> None:
         if self.max_length:

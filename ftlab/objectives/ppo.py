@@ -23,9 +23,10 @@ seeds the KL to the reference ran away to 20–30 nats (45.9 on an AMD EPYC CPU)
 saturated: whitened advantages then hold only noise, which Adam turns into full-size steps. The
 KL check bounds that drift per iteration whatever the float rounding (``experiments/ppo_stability``).
 
-Starting from an SFT adapter (``adapter``) trains that adapter further; the reference is then the
-base *without* it. To keep an SFT model as the reference (as InstructGPT does), merge it first
-(``ftlab export``) and use the merged model as the backbone (``experiments/rlhf_pipeline``).
+After an SFT step, ``base_adapter: <the SFT run's adapter>`` folds it into the base weights: the
+policy starts from the SFT model and the reference is the SFT model too (as in InstructGPT), while
+a fresh ``method`` trains beside it (``experiments/rlhf_pipeline``). Starting from the SFT adapter
+with ``adapter`` instead trains that adapter further, and the reference is the base *without* it.
 
 The value head is a linear map on the policy's last hidden state: it shares the trunk, trains
 with the method's parameters and is saved with the adapter. Logged: ``train/reward``,
@@ -68,6 +69,9 @@ class PPO(OnlineObjective):
         optimizer: Optimizer class and arguments (method parameters and value head).
         scheduler: Learning-rate scheduler, stepped once per iteration.
         adapter: Start from a saved adapter (e.g. the SFT run's) instead of a fresh method.
+        base_adapter: A ``CausalLM`` run's adapter (the SFT step's) folded into the backbone's weights
+            before ``method`` is applied: the SFT model becomes the base, so the policy starts from it
+            and the reference is the SFT model, not the pretrained one.
         max_length: Prompt tokens (linked from the data); with ``max_new_tokens`` it must fit the model.
         reward_fn: Import path of a reward function ``f(prompts, responses, **reward_kwargs)`` returning
             one number per response (e.g. ``ftlab.rewards.has_char``).
@@ -111,6 +115,7 @@ class PPO(OnlineObjective):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         adapter: str | None = None,
+        base_adapter: str | None = None,
         max_length: int | None = None,
         reward_fn: str | None = None,
         reward_model: str | None = None,
@@ -142,7 +147,7 @@ class PPO(OnlineObjective):
             reward_model=reward_model, reward_backbone=reward_backbone, reward_kwargs=reward_kwargs, rewards=rewards,
             chunk_size=chunk_size, mini_batch_size=mini_batch_size, epochs=ppo_epochs, max_new_tokens=max_new_tokens,
             generation_kwargs=generation_kwargs, val_generation_kwargs=val_generation_kwargs,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=max_grad_norm, base_adapter=base_adapter,
         )
         if (num_rollouts or 1) <= 0:
             raise ValueError(f"num_rollouts must be > 0, got {num_rollouts}")

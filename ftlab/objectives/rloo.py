@@ -35,6 +35,9 @@ class RLOO(GRPO):
         optimizer: Optimizer class and arguments (the method's parameters).
         scheduler: Learning-rate scheduler, stepped once per iteration.
         adapter: Start from a saved adapter instead of a fresh method.
+        base_adapter: A ``CausalLM`` run's adapter (the SFT step's) folded into the backbone's weights
+            before ``method`` is applied: the SFT model becomes the base, so the policy starts from it
+            and the reference is the SFT model, not the pretrained one.
         max_length: Prompt tokens (linked from the data); with ``max_new_tokens`` it must fit the model.
         reward_fn: Import path of a reward function ``f(prompts, responses, **reward_kwargs)``.
         reward_model: Directory of an ftlab ``RewardModel`` adapter; its tokenizer must be the policy's.
@@ -65,6 +68,7 @@ class RLOO(GRPO):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         adapter: str | None = None,
+        base_adapter: str | None = None,
         max_length: int | None = None,
         reward_fn: str | None = None,
         reward_model: str | None = None,
@@ -89,7 +93,8 @@ class RLOO(GRPO):
     ):
         super().__init__(
             backbone=backbone, method=method, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
-            max_length=max_length, reward_fn=reward_fn, reward_model=reward_model, reward_backbone=reward_backbone,
+            base_adapter=base_adapter, max_length=max_length, reward_fn=reward_fn, reward_model=reward_model,
+            reward_backbone=reward_backbone,
             reward_kwargs=reward_kwargs, rewards=rewards, num_generations=num_generations, chunk_size=chunk_size,
             mini_batch_size=mini_batch_size, epochs=epochs, max_new_tokens=max_new_tokens,
             generation_kwargs=generation_kwargs, val_generation_kwargs=val_generation_kwargs, beta=beta,
