@@ -10,7 +10,7 @@ def test_synthetic_prompts_stop_where_the_answer_would_start():
     prompts = synthetic_prompts(40, seed=0)
     assert prompts == synthetic_prompts(40, seed=0) and prompts != synthetic_prompts(40, seed=1)
     assert all(p.strip() and not p.endswith(" ") for p in prompts)
-    assert any(p.endswith(" backwards is") or p.endswith(" becomes") for p in prompts)
+    assert any(p.endswith((" backwards is", " becomes")) for p in prompts)
     assert not any("{" in p for p in prompts)
 
 

@@ -50,7 +50,7 @@ def test_lora_dpo_learns_preferences_and_the_reference_stays_the_frozen_base(tmp
 
     assert before["val/reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert after["val/reward_margin"] > 1.0 and after["val/reward_acc"] >= 0.9, after
-    gap = lambda m: m["val/logps_chosen"] - m["val/logps_rejected"]
+    gap = lambda m: m["val/logps_chosen"] - m["val/logps_rejected"]  # noqa: E731
     assert gap(after) > gap(before) + 10.0  # chosen log-prob rose relative to rejected
     assert after["val/loss"] < 0.5 * before["val/loss"]
     # the reference did not move; the policy did, through LoRA only
@@ -94,7 +94,7 @@ def test_response_labels_skip_the_shared_prompt_and_padding():
     ids = torch.tensor(chosen + rejected)
     batch = {"input_ids": ids, "attention_mask": (ids != pad).long()}
     labels = response_labels(batch)
-    I = IGNORE
+    I = IGNORE  # noqa: E741
     assert labels.tolist() == [[I, I, I, 12, 13, 258], [I, I, I, I, 258, I],
                                [I, I, I, 30, 258, I], [I, I, I, I, 23, 258]]
     assert torch.equal(response_labels({**batch, "labels": ids}), ids)  # explicit labels win

@@ -14,7 +14,7 @@ from ftlab.peft import Full, LoRA
 from ftlab.rollouts import response_logprobs
 
 LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-ITERATIONS = 10
+ITERATIONS = 8
 
 
 def _run(objective, seed: int, tmp_path):
@@ -32,20 +32,20 @@ def _run(objective, seed: int, tmp_path):
 
 @pytest.mark.parametrize("objective", [GRPO, RLOO], ids=lambda c: c.__name__)
 def test_reward_rises_and_kl_stays_bounded_on_three_seeds(objective, tmp_path):
-    # Calibrated on seeds 0-15 of this setting (one thread). Reward gain, mean of the last 5 iterations minus the
-    # first 5: GRPO median 0.16 (-0.00 to 0.44), RLOO 0.31 (0.01 to 0.43); learning is bursty, so the test asks
-    # for the direction, pooled over 3 seeds. KL to the reference per iteration: median over all iterations
-    # 0.37 (GRPO) and 0.62 (RLOO) nats; largest of a run up to 9 (RLOO) and, on 2 of 16 GRPO seeds, 17 and 27.
+    # Calibrated on seeds 0-15 of this setting (one thread). Reward gain, mean of iterations 6-8 minus 1-3:
+    # GRPO median 0.16 (worst -0.02), RLOO 0.27 (worst -0.02); any 3 of the 16 runs have a positive mean gain
+    # (GRPO: 559 of 560 triples, the last at 0.000; RLOO: all). KL to the reference: the median over a triple's
+    # 24 iterations at most 1.5 nats (GRPO) and 1.0 (RLOO); the largest of a run up to 16.9 (GRPO), 9.3 (RLOO).
     gains, kls = [], []
     for seed in (0, 1, 2):
         h = _run(objective, seed, tmp_path).history
         assert len(h) == ITERATIONS
         reward = [s["reward"] for s in h]
-        gains.append(statistics.mean(reward[ITERATIONS // 2:]) - statistics.mean(reward[:ITERATIONS // 2]))
+        gains.append(statistics.mean(reward[-3:]) - statistics.mean(reward[:3]))
         kls += [s["kl"] for s in h]
     assert {"reward", "reward_std", "kl", "clip_frac", "entropy", "response_length", "zero_std_groups"} <= set(h[0])
     assert statistics.mean(gains) > 0.0, gains
-    assert statistics.median(kls) < 3.0 and max(kls) < 60.0, kls
+    assert statistics.median(kls) < 3.0 and max(kls) < 40.0, kls
 
 
 def test_the_reference_is_the_frozen_base_and_groups_are_contiguous(tmp_path):

@@ -1,6 +1,7 @@
 """PPO end to end on a tiny model, the reference policy, reward sources and bad inputs."""
 
 import json
+import statistics
 
 import lightning as L
 import pytest
@@ -15,7 +16,7 @@ from ftlab.rollouts import response_logprobs
 LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-ITERATIONS = 14
+ITERATIONS = 8
 
 
 def _fit(model, dm, tmp_path, iterations: int):
@@ -38,7 +39,7 @@ def _ppo(backbone=None, **kw):
 def run(seed: int, tmp_path, iterations: int = ITERATIONS, **kw) -> PPO:
     """PPO on the embedded default (LoRA on the pretrained tiny-llama); reward: the response holds a digit.
     The base does so about a third of the time (when the sentence after its answer is an arithmetic one).
-    This is the setting of experiments/ppo_stability (variant tkl10: PPO's defaults)."""
+    This is the setting of experiments/ppo_stability (variant tkl10: PPO's defaults), its first 8 iterations."""
     L.seed_everything(seed)
     model = _ppo(**kw)
     _fit(model, PromptData(batch_size=32, synthetic_size=512, max_length=48), tmp_path, iterations)
@@ -46,21 +47,23 @@ def run(seed: int, tmp_path, iterations: int = ITERATIONS, **kw) -> PPO:
 
 
 def test_kl_stays_bounded_and_the_reward_rises_on_three_seeds(tmp_path):
-    # Before target_kl, the KL to the reference ran away (17-29 nats) on 5 of 16 seeds of this setting, and to
-    # 45.9 on an AMD EPYC CPU with the seed that passed on Intel. With PPO's default target_kl (0.1), over 16
-    # seeds (experiments/ppo_stability, variant tkl10): the largest KL of a run was at most 11 nats (median
-    # 5.1), and the reward over the last 4 iterations beat the first 4 by 0.07 at worst (median 0.34).
-    # The KL bound keeps a margin of about 2x over the worst run; the gain is asked of the median seed.
+    # Before target_kl, the KL to the reference ran away (17-29 nats) on 5 of 16 seeds of this setting within 14
+    # iterations, and to 45.9 on an AMD EPYC CPU with the seed that passed on Intel. With PPO's default
+    # target_kl (0.1), seeds 0-15 (experiments/ppo_stability, variant tkl10): the largest KL of the first 8
+    # iterations was 7.2 nats at worst (median 2.3; without target_kl up to 13.4), and the reward of iterations
+    # 5-8 beat iterations 1-4 by 0.054 on the median seed (worst -0.015). Any 3 of those 16 runs: mean gain > 0
+    # in 559 of 560 triples. So: a bound with a margin of about 1.7x over the worst run, and the gain's sign
+    # pooled over the 3 seeds.
     gains, kls, updates = [], [], []
     for seed in (0, 1, 2):
         h = run(seed, tmp_path).history
         assert len(h) == ITERATIONS
         reward = [s["reward"] for s in h]
-        gains.append(sum(reward[-4:]) / 4 - sum(reward[:4]) / 4)
+        gains.append(statistics.mean(reward[-4:]) - statistics.mean(reward[:4]))
         kls.append(max(s["kl"] for s in h))
         updates += [s["updates"] for s in h]
-    assert max(kls) < 20.0, kls
-    assert sorted(gains)[1] > 0.1, gains  # the median of three seeds
+    assert max(kls) < 12.0, kls
+    assert statistics.mean(gains) > 0.0, gains
     assert min(updates) < 8 <= max(updates)  # target_kl stopped some iterations early, not all
     assert {"reward", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
             "early_stop"} <= set(h[0])
