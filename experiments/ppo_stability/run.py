@@ -47,27 +47,60 @@ def run(name: str, seed: int, iterations: int = 14) -> dict:
     kw = dict(VARIANTS[name])
     lr, threads = kw.pop("lr", 3e-3), kw.pop("threads", 1)
     torch.set_num_threads(threads)
-    args = {"reward_fn": "ftlab.rewards.has_char", "num_rollouts": 32, "chunk_size": 32, "mini_batch_size": 16,
-            "ppo_epochs": 4, "max_new_tokens": 16, "init_kl_coef": 0.2, "target": 4.0, "horizon": 64}
+    args = {
+        "reward_fn": "ftlab.rewards.has_char",
+        "num_rollouts": 32,
+        "chunk_size": 32,
+        "mini_batch_size": 16,
+        "ppo_epochs": 4,
+        "max_new_tokens": 16,
+        "init_kl_coef": 0.2,
+        "target": 4.0,
+        "horizon": 64,
+    }
     L.seed_everything(seed, verbose=False)
-    model = PPO(Backbone(), LoRA(rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **args, **kw)
+    model = PPO(
+        Backbone(),
+        LoRA(rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        **args,
+        **kw,
+    )
     dm = PromptData(batch_size=32, synthetic_size=512, max_length=48)
     start = time.time()
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_epochs=1, limit_train_batches=iterations, limit_val_batches=0,
-              num_sanity_val_steps=0, default_root_dir="/tmp/ftlab_ppo_stability").fit(model, dm)
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        limit_train_batches=iterations,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir="/tmp/ftlab_ppo_stability",
+    ).fit(model, dm)
     h = model.history
     r, k = [x["reward"] for x in h], [x["kl"] for x in h]
-    return {"v": name, "seed": seed, "s": round(time.time() - start, 1), "maxkl": round(max(k), 1),
-            "first4": round(sum(r[:4]) / 4, 2), "last4": round(sum(r[-4:]) / 4, 2), "kl": [round(x, 1) for x in k],
-            "akl": [round(x["approx_kl"], 3) for x in h], "upd": [int(x["updates"]) for x in h],
-            "coef": round(h[-1]["kl_coef"], 3)}
+    return {
+        "v": name,
+        "seed": seed,
+        "s": round(time.time() - start, 1),
+        "maxkl": round(max(k), 1),
+        "first4": round(sum(r[:4]) / 4, 2),
+        "last4": round(sum(r[-4:]) / 4, 2),
+        "kl": [round(x, 1) for x in k],
+        "akl": [round(x["approx_kl"], 3) for x in h],
+        "upd": [int(x["updates"]) for x in h],
+        "coef": round(h[-1]["kl_coef"], 3),
+    }
 
 
 def report(rows: list[dict]) -> str:
-    head = ("| variant | runs | max KL of a run: median | worst | runs over 15 nats | reward, first 4 iterations "
-            "| last 4 | gain: median | worst | max ½(Δ log π)² of a run: median | optimizer steps per iteration |")
+    head = (
+        "| variant | runs | max KL of a run: median | worst | runs over 15 nats | reward, first 4 iterations "
+        "| last 4 | gain: median | worst | max ½(Δ log π)² of a run: median | optimizer steps per iteration |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         runs = [r for r in rows if r["v"] == name]
@@ -75,10 +108,13 @@ def report(rows: list[dict]) -> str:
             continue
         mk, gain = [r["maxkl"] for r in runs], [r["last4"] - r["first4"] for r in runs]
         lines.append(
-            f"| {name} | {len(runs)} | {statistics.median(mk):.1f} | {max(mk):.1f} | {sum(m > 15 for m in mk)} | "
-            f"{statistics.median(r['first4'] for r in runs):.2f} | {statistics.median(r['last4'] for r in runs):.2f} | "
-            f"{statistics.median(gain):.2f} | {min(gain):.2f} | {statistics.median(max(r['akl']) for r in runs):.2f} | "
-            f"{statistics.mean(statistics.mean(r['upd']) for r in runs):.1f} |")
+            f"| {name} | {len(runs)} | {statistics.median(mk):.1f} | {max(mk):.1f} | "
+            f"{sum(m > 15 for m in mk)} | {statistics.median(r['first4'] for r in runs):.2f} | "
+            f"{statistics.median(r['last4'] for r in runs):.2f} | {statistics.median(gain):.2f} | "
+            f"{min(gain):.2f} | "
+            f"{statistics.median(max(r['akl']) for r in runs):.2f} | "
+            f"{statistics.mean(statistics.mean(r['upd']) for r in runs):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
