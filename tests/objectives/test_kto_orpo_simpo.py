@@ -34,16 +34,17 @@ def test_training_raises_the_chosen_over_rejected_margin(objective, tmp_path):
     pairs = PreferenceData(synthetic_size=256, batch_size=16, max_length=64)
     pairs.setup()
     held_out = next(iter(pairs.val_dataloader()))
-    dm = UnpairedPreferenceData(synthetic_size=256, batch_size=16, max_length=64) if objective is KTO else pairs
+    unpaired = UnpairedPreferenceData(synthetic_size=256, batch_size=16, max_length=64)
+    dm = unpaired if objective is KTO else pairs
     model = objective(Backbone(), LoRA(**LORA), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
     model.configure_model()
     before = _gap(model, held_out)
     _fit(model, dm, tmp_path, steps=12)
     after = _gap(model, held_out)
-    # The base prefers the rude answer on most pairs (gap median -0.46 nats per token at seed 0). Mean rise of the
-    # gap over the held-out pairs after 12 steps, seeds 0-7 (data and initialisation): KTO 0.12-0.35, ORPO
-    # 0.01-0.44 (its SFT term lifts both answers' shared words), SimPO 0.18-0.55. No sampling: another CPU's
-    # rounding moves a run far less than another seed does.
+    # The base prefers the rude answer on most pairs (gap median -0.46 nats per token at seed 0). Mean rise
+    # of the gap over the held-out pairs after 12 steps, seeds 0-7 (experiments/rl_test_calibration): KTO
+    # 0.12-0.35, ORPO 0.01-0.44 (its SFT term lifts both answers' shared words), SimPO 0.18-0.55. No
+    # sampling: another CPU's rounding moves a run far less than another seed does.
     gain = after - before
     assert gain.mean() > 0.0, (before.tolist(), after.tolist())
 

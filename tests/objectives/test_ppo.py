@@ -39,7 +39,8 @@ def _ppo(backbone=None, **kw):
 def run(seed: int, tmp_path, iterations: int = ITERATIONS, **kw) -> PPO:
     """PPO on the embedded default (LoRA on the pretrained tiny-llama); reward: the response holds a digit.
     The base does so about a third of the time (when the sentence after its answer is an arithmetic one).
-    This is the setting of experiments/ppo_stability (variant tkl10: PPO's defaults), its first 8 iterations."""
+    This is the setting of experiments/ppo_stability (variant tkl10: PPO's defaults), its first 8
+    iterations."""
     L.seed_everything(seed)
     model = _ppo(**kw)
     _fit(model, PromptData(batch_size=32, synthetic_size=512, max_length=48), tmp_path, iterations)
@@ -47,12 +48,12 @@ def run(seed: int, tmp_path, iterations: int = ITERATIONS, **kw) -> PPO:
 
 
 def test_kl_stays_bounded_and_the_reward_rises_on_three_seeds(tmp_path):
-    # Before target_kl, the KL to the reference ran away (17-29 nats) on 5 of 16 seeds of this setting within 14
-    # iterations, and to 45.9 on an AMD EPYC CPU with the seed that passed on Intel. With PPO's default
-    # target_kl (0.1), seeds 0-15 (experiments/ppo_stability, variant tkl10): the largest KL of the first 8
-    # iterations was 7.2 nats at worst (median 2.3; without target_kl up to 13.4), and the reward of iterations
-    # 5-8 beat iterations 1-4 by 0.054 on the median seed (worst -0.015). Any 3 of those 16 runs: mean gain > 0
-    # in 559 of 560 triples. So: a bound with a margin of about 1.7x over the worst run, and the gain's sign
+    # Before target_kl, the KL to the reference ran away (17-29 nats) on 5 of 16 seeds of this setting
+    # within 14 iterations, and to 45.9 on an AMD EPYC CPU with the seed that passed on Intel. With PPO's
+    # default target_kl (0.1), seeds 0-15 (experiments/rl_test_calibration): the largest KL of these 8
+    # iterations was 7.2 nats at worst (median 2.3; without target_kl up to 13.4), and the reward of
+    # iterations 5-8 beat 1-4 by 0.054 on the median seed (worst -0.015); any 3 of those 16 runs have a
+    # positive mean gain in 559 of 560 triples. So: a bound about 1.7x the worst run, and the gain's sign
     # pooled over the 3 seeds.
     gains, kls, updates = [], [], []
     for seed in (0, 1, 2):

@@ -14,6 +14,8 @@ from ftlab.objectives import GRPO, PPO, CausalLM, RewardModel
 from ftlab.peft import LoRA, io
 from ftlab.rollouts import response_logprobs
 
+HAS_DIGIT = "ftlab.rewards.has_char"
+
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
@@ -71,7 +73,8 @@ def test_the_reward_model_is_rebuilt_on_the_sft_trunk_it_was_trained_on(steps):
     prompts, responses = ["Twice fen is", "42 + 17 ="], [" fen fen.", " 59"]
     scores, _ = policy.rewards(prompts, responses)
     tok = policy.tokenizer
-    ids = [encode_response(tok, response_frame(tok), p, r.strip(), 512)[0] for p, r in zip(prompts, responses)]
+    frame = response_frame(tok)
+    ids = [encode_response(tok, frame, p, r.strip(), 512)[0] for p, r in zip(prompts, responses)]
     with torch.no_grad():
         direct = torch.cat([rm(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long)) for x in ids])
     assert torch.allclose(scores, direct, atol=1e-5)
@@ -82,21 +85,24 @@ def test_an_adapter_loaded_onto_another_base_than_its_own_is_refused(steps):
     with pytest.raises(ValueError, match="was trained on top of base_adapter .* set base_adapter"):
         RewardModel(Backbone(), adapter=rm_path).configure_model()
     with pytest.raises(ValueError, match="trained on the plain backbone, not on base_adapter"):
-        PPO(Backbone(), adapter=sft_path, base_adapter=sft_path, reward_fn="ftlab.rewards.has_char").configure_model()
+        PPO(Backbone(), adapter=sft_path, base_adapter=sft_path, reward_fn=HAS_DIGIT).configure_model()
     with pytest.raises(ValueError, match="base_adapter .*RewardModel; it must be a CausalLM run's adapter"):
-        PPO(Backbone(), LoRA(rank=2), base_adapter=rm_path, reward_fn="ftlab.rewards.has_char").configure_model()
+        PPO(Backbone(), LoRA(rank=2), base_adapter=rm_path, reward_fn=HAS_DIGIT).configure_model()
     moved = tmp / "elsewhere"
     moved.mkdir()
-    (moved / io.CONFIG).write_text((Path(rm_path) / io.CONFIG).read_text().replace(sft_path, str(tmp / "gone")))
+    config = (Path(rm_path) / io.CONFIG).read_text()
+    (moved / io.CONFIG).write_text(config.replace(sft_path, str(tmp / "gone")))
     (moved / io.WEIGHTS).write_bytes((Path(rm_path) / io.WEIGHTS).read_bytes())
     with pytest.raises(ValueError, match="trained on top of base_adapter .*gone, which is not there"):
         PPO(Backbone(), LoRA(rank=2), reward_model=str(moved)).configure_model()
 
 
-@pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "experiments/rlhf_pipeline").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+PIPELINE = Path(__file__).parents[2] / "experiments" / "rlhf_pipeline"
+
+
+@pytest.mark.parametrize("config", sorted(PIPELINE.glob("*.yaml")), ids=lambda p: p.stem)
 def test_the_pipeline_configs_parse_and_build(config, monkeypatch):
-    # fitting them needs the earlier steps' adapters (experiments/rlhf_pipeline/run.py); their keys must stay valid
+    # fitting them needs the earlier steps' adapters (experiments/rlhf_pipeline/run.py); keys must stay valid
     from ftlab.cli import FtlabCLI
     from ftlab.objectives._base import Objective
 
