@@ -8,7 +8,8 @@ from ftlab.data.preference import PreferenceData
 from ftlab.data.text import TextData
 from ftlab.data.prompts import PromptData
 from ftlab.data.seq2seq import Seq2SeqData
+from ftlab.data.unpaired import UnpairedPreferenceData
 
 __all__ = ["DataError", "ClassificationData", "InstructionData", "TextData"]
-__all__ += ["PairData", "PreferenceData"]
+__all__ += ["PairData", "PreferenceData", "UnpairedPreferenceData"]
 __all__ += ["PromptData", "Seq2SeqData"]

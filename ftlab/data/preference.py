@@ -29,6 +29,8 @@ from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import DataError, Record, require
 from ftlab.data.pairs import special_frame
 from ftlab.data.synthetic import make_word
+from ftlab.data.templates import TEMPLATES
+from ftlab.losses.logprobs import IGNORE
 
 log = logging.getLogger("ftlab")
 
@@ -129,12 +131,42 @@ def clean_pairs(rows: list[Record], min_words: int = 5, drop_identical: bool = T
     return kept, counts
 
 
+def response_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens around ``prompt ⊕ response``: the tokenizer's own (BERT: [CLS] … [SEP]);
+    decoders with none end on EOS, where a reward model's ``last`` pooling reads."""
+    head, tail = special_frame(tokenizer)
+    if not tail and tokenizer.eos_token_id is not None:
+        tail = [tokenizer.eos_token_id]
+    return head, tail
+
+
+def encode_response(tokenizer, frame: tuple[list[int], list[int]], prompt: str, response: str,
+                    max_length: int) -> tuple[list[int], bool, int]:
+    """Token ids of ``head + prompt + " " + response + tail``, the layout every preference and reward
+    model in ftlab reads (a reward model scores policy samples in the layout it was trained on).
+
+    Over ``max_length`` the response keeps at least half the room and the prompt is cut from its
+    left. Returns ``(ids, truncated, response_start)``: the index of the first response token.
+    """
+    head, tail = frame
+    p = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    r = tokenizer(" " + response, add_special_tokens=False, verbose=False)["input_ids"]
+    room = max_length - len(head) - len(tail)
+    if room <= 0:
+        raise ValueError(f"max_length={max_length} leaves no room for tokens between the special tokens {frame}")
+    if len(p) + len(r) <= room:
+        return head + p + r + tail, False, len(head) + len(p)
+    keep_r = min(len(r), max(room // 2, room - len(p)))  # the response matters most: it gets ≥ half
+    keep_p = room - keep_r
+    return head + (p[-keep_p:] if keep_p else []) + r[:keep_r] + tail, True, len(head) + keep_p
+
+
 class PreferenceData(TokenizedData):
     """Preference pairs for ``RewardModel`` (and pairwise objectives).
 
     Args:
         source: A file or folder (json/jsonl/csv/tsv/parquet, ``.gz`` too), an HF dataset name, or
-            ``synthetic`` (a tiny task made in code: courteous answers beat rude ones).
+            ``synthetic`` (a tiny task made in code, see ``synthetic_task``).
         tokenizer: Backbone whose tokenizer to use (linked from ``model.backbone.name_or_path``).
         format: ``auto``, ``records``, ``hh`` or ``labelstudio`` (see the module docstring).
         fields: Column names for ``prompt``, ``chosen``, ``rejected``, ``margin`` (optional
@@ -151,6 +183,10 @@ class PreferenceData(TokenizedData):
         max_samples: Cap on the rows per split.
         seed: Seed for shuffling, splitting and the synthetic task.
         synthetic_size: Training pairs of the synthetic task (validation: a tenth, at least 64).
+        synthetic_task: ``courtesy`` (courteous answers beat rude ones) or ``instructions``: the
+            embedded instruction task, its correct answer over a plausible wrong one (see
+            ``ftlab.data.rule_pairs``); set ``min_words: 0``, since its answers are single words.
+        template: Prompt template of the ``instructions`` task (as ``InstructionData``'s).
     """
 
     def __init__(
@@ -169,8 +205,15 @@ class PreferenceData(TokenizedData):
         max_samples: int | None = None,
         seed: int = 0,
         synthetic_size: int = 1000,
+        synthetic_task: Literal["courtesy", "instructions"] = "courtesy",
+        template: str = "alpaca_short",
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        if synthetic_task not in ("courtesy", "instructions"):
+            raise ValueError(f"unknown synthetic_task {synthetic_task!r}; use 'courtesy' or 'instructions'")
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+        self.synthetic_task, self.template = synthetic_task, template
         names = ("prompt", "chosen", "rejected", "margin", "left", "right")
         unknown = set(fields or {}) - set(names)
         if unknown:
@@ -184,6 +227,11 @@ class PreferenceData(TokenizedData):
 
     # ------------------------------------------------------------------ rows
     def synthetic_rows(self, split: str) -> list[Record]:
+        if self.synthetic_task == "instructions":
+            from ftlab.data.rule_pairs import instruction_pairs
+
+            n = self.synthetic_size if split == "train" else max(64, self.synthetic_size // 10)
+            return instruction_pairs(n, self.seed if split == "train" else self.seed + 1_000_003, self.template)
         rng = random.Random(f"preference-{self.seed}-{split}")
         kind = ["kind", "helpful", "polite", "clear", "friendly", "careful"]
         rude = ["rude", "useless", "lazy", "wrong", "harsh", "careless"]
@@ -203,8 +251,10 @@ class PreferenceData(TokenizedData):
 
     def raw_rows(self, split: str) -> list[Record] | None:
         rows = super().raw_rows(split)
-        if rows is None:
-            return None
+        return None if rows is None else self.pairs(rows, split)
+
+    def pairs(self, rows: list[Record], split: str) -> list[Record]:
+        """Rows of any pair format -> cleaned ``{prompt, chosen, rejected, margin?, _where}`` pairs."""
         pairs, counts = clean_pairs(self.normalise(rows, split), self.min_words, self.drop_identical)
         self.cleaning[split] = counts
         log.info("PreferenceData: %s: %d pairs; dropped %d with chosen == rejected, %d with a side under %d "
@@ -256,33 +306,25 @@ class PreferenceData(TokenizedData):
         return out
 
     # ------------------------------------------------------------------ tensors
-    def _ids(self, prompt: str, response: str) -> tuple[list[int], bool]:
-        tok = self.tokenizer
+    def _ids(self, prompt: str, response: str) -> tuple[list[int], bool, int]:
         if self._frame is None:
-            head, tail = special_frame(tok)
-            if not tail and tok.eos_token_id is not None:  # decoders: end on EOS, where "last" pooling reads
-                tail = [tok.eos_token_id]
-            self._frame = head, tail
-        head, tail = self._frame
-        p = tok(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-        r = tok(" " + response, add_special_tokens=False, verbose=False)["input_ids"]
-        room = self.max_length - len(head) - len(tail)
-        if len(p) + len(r) <= room:
-            return head + p + r + tail, False
-        keep_r = min(len(r), max(room // 2, room - len(p)))  # the response matters most: it gets ≥ half
-        keep_p = room - keep_r
-        return head + (p[-keep_p:] if keep_p else []) + r[:keep_r] + tail, True
+            self._frame = response_frame(self.tokenizer)
+        return encode_response(self.tokenizer, self._frame, prompt, response, self.max_length)
 
     def encode(self, row: Record) -> dict[str, Any]:
-        chosen, cut_c = self._ids(row["prompt"], row["chosen"])
-        rejected, cut_r = self._ids(row["prompt"], row["rejected"])
-        return {"chosen": chosen, "rejected": rejected, "margin": row.get("margin"), "truncated": cut_c or cut_r}
+        chosen, cut_c, start_c = self._ids(row["prompt"], row["chosen"])
+        rejected, cut_r, start_r = self._ids(row["prompt"], row["rejected"])
+        return {"chosen": chosen, "rejected": rejected, "starts": (start_c, start_r), "margin": row.get("margin"),
+                "truncated": cut_c or cut_r}
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]  # chosen first, then rejected
+        starts = [it["starts"][0] for it in items] + [it["starts"][1] for it in items]
         batch = {
             "input_ids": pad(seqs, self.tokenizer.pad_token_id),  # (2B, T)
             "attention_mask": pad([[1] * len(s) for s in seqs], 0),  # (2B, T)
+            # the response tokens (and the closing special token): what a causal LM's log-prob counts
+            "labels": pad([[IGNORE] * k + s[k:] for s, k in zip(seqs, starts)], IGNORE),  # (2B, T)
         }
         if items[0]["margin"] is not None:
             batch["margin"] = torch.tensor([it["margin"] for it in items], dtype=torch.float)  # (B,)

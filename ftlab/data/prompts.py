@@ -4,7 +4,8 @@ A row is one prompt. Sources: a ``.txt`` file (one prompt per line; blank lines 
 json/jsonl/csv/tsv/parquet file or folder with a ``prompt`` field (or a ShareGPT-style turn list,
 rendered as in ``PreferenceData``), an HF dataset name, or ``synthetic``: the beginnings of the
 sentences ``tiny-llama`` was pretrained on ("tomel backwards is", "The sum of 12 and 7 is"),
-which it knows how to continue.
+which it knows how to continue; or, with ``synthetic_task: instructions``, the embedded
+instruction task's prompts ("### Instruction: Reverse the letters of the word. ...").
 
 A batch holds the prompts *left*-padded, ready for generation: ``input_ids`` (B, P),
 ``attention_mask`` (B, P), and the texts in ``prompts``. A prompt over ``max_length`` tokens keeps
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ftlab.data import synthetic
 from ftlab.data._base import TokenizedData, pad
 from ftlab.data._io import DataError, Record, require
 from ftlab.data.pairs import special_frame
 from ftlab.data.preference import render_turns
+from ftlab.data.templates import TEMPLATES, render
 
 
 def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -56,6 +58,10 @@ class PromptData(TokenizedData):
         synthetic_size: Training prompts of the synthetic source (validation: a tenth, at least 32).
         max_samples: Cap on the prompts per split.
         seed: Seed for shuffling, splitting and the synthetic prompts.
+        synthetic_task: ``continuation`` (sentence beginnings) or ``instructions``: the embedded
+            instruction task's prompts in ``template``, validation on the words ``InstructionData``
+            validates on (scored by ``ftlab.rewards.instruction_following``).
+        template: Prompt template of the ``instructions`` task.
     """
 
     def __init__(
@@ -71,16 +77,27 @@ class PromptData(TokenizedData):
         synthetic_size: int = 2000,
         max_samples: int | None = None,
         seed: int = 0,
+        synthetic_task: Literal["continuation", "instructions"] = "continuation",
+        template: str = "alpaca_short",
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        if synthetic_task not in ("continuation", "instructions"):
+            raise ValueError(f"unknown synthetic_task {synthetic_task!r}; use 'continuation' or 'instructions'")
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
         self.field, self.synthetic_size = field, synthetic_size
+        self.synthetic_task, self.template = synthetic_task, template
         self._head: list[int] | None = None
 
     # ------------------------------------------------------------------ rows
     def synthetic_rows(self, split: str) -> list[Record]:
         n = self.synthetic_size if split == "train" else max(32, self.synthetic_size // 10)
         seed = self.seed if split == "train" else self.seed + 1_000_003
-        return [{self.field: p, "_where": f"synthetic prompt {i}"} for i, p in enumerate(synthetic_prompts(n, seed))]
+        if self.synthetic_task == "instructions":
+            prompts = [render(self.template, r["instruction"], r["input"]) for r in synthetic.instruction_rows(n, seed)]
+        else:
+            prompts = synthetic_prompts(n, seed)
+        return [{self.field: p, "_where": f"synthetic prompt {i}"} for i, p in enumerate(prompts)]
 
     def raw_rows(self, split: str) -> list[Record] | None:
         if split == "validation" and self.val_source and _is_txt(self.val_source):

@@ -51,23 +51,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------- per token
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under ``logits``: (B, R, V), (B, R) -> (B, R), in fp32.
-
-    ``logits[:, t]`` must be the scores *for* ``tokens[:, t]`` (already shifted by the caller).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, R, V)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: (B, R, V) -> (B, R), fp32."""
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
-
-
+# ---------------------------------------------------------------------------------- rewards
 def clip_rewards(scores: torch.Tensor, cliprange_reward: float | None) -> torch.Tensor:
     """Scores clamped to ``[−c, c]`` (``None`` or 0 leaves them): (B,) -> (B,)."""
     if not cliprange_reward:

@@ -75,3 +75,32 @@ def hidden_states(model: nn.Module, length: int, **inputs) -> tuple[torch.Tensor
         handle.remove()
     hidden = caught[-1]
     return hidden[:, hidden.size(1) - length:], out.logits
+
+
+def chunked_logprobs(
+    model: nn.Module, tokens: torch.Tensor, start: int, temperature: float = 1.0, **inputs
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """log π of ``tokens[:, start:]`` read from the positions one earlier, a chunk of positions at a
+    time (``ftlab.losses.chunked``): the (N, T, V) logits never exist. Every preference and RL
+    objective's log-probs come through here.
+
+    ``tokens`` (N, T) are the ids the model reads (``inputs`` go to ``model(...)`` as they are);
+    ids < 0 (``-100`` labels) are read as 0 and left for the caller to mask. Returns the log-probs
+    (N, T - start) in fp32 and the hidden states that scored them (N, T - start, H: what a value
+    head reads), or None when the model's output head is not one ftlab can split (the caller then
+    computes the logits).
+    """
+    from ftlab.losses.chunked import chunked_token_logprobs
+
+    head = OutputHead.of(model)
+    if head is None:
+        return None
+    hidden, last = hidden_states(model, tokens.size(1), **inputs)  # (N, T, H), (N, 1, V)
+    if not head.matches(hidden[:, -1], last[:, -1]):
+        return None
+    hidden = hidden[:, start - 1 : -1]  # (N, R, H): position t - 1 scores token t
+    logprobs = chunked_token_logprobs(
+        hidden, head.weight, tokens[:, start:].clamp_min(0), head.bias,
+        temperature=temperature, scale=head.scale, softcap=head.softcap,
+    )
+    return logprobs, hidden

@@ -144,8 +144,13 @@ class Objective(L.LightningModule):
         return io.save_adapter(
             path, self.model, self.method, self.backbone.fingerprint(self.model),
             extra_tensors=self.head_state_dict(),
-            extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}"}, write=write,
+            extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}", **self.adapter_extra()},
+            write=write,
         )
+
+    def adapter_extra(self) -> dict[str, Any]:
+        """More of what this objective's adapter files record (JSON), beside the objective's name."""
+        return {}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -5,6 +5,10 @@ decoders (the whole sequence has been seen there) or mean/CLS-pooled for encoder
 ``L = −log σ(r(x, y_chosen) − r(x, y_rejected) − m)`` (Ouyang et al., 2022). The trunk is adapted
 by the method; the head always trains and is saved and loaded with the adapter (``heads``), so an
 adapter-only file is a complete reward model.
+
+In RLHF the reward model starts from the SFT model (Ouyang et al., 2022): ``base_adapter`` folds the
+SFT run's adapter into a decoder backbone first, and the reward model's adapter file records which
+one, so that a policy loading it (``ftlab.rewards``) rebuilds the same trunk.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ftlab.models.backbone import Backbone
 from ftlab.models.pooling import Pooling, default_pooling, pool
 from ftlab.objectives._base import Objective
 from ftlab.peft.method import Method
+from ftlab.rollouts import base_adapter_record, check_base_adapter, sft_model
 
 
 class RewardModel(Objective):
@@ -31,6 +36,8 @@ class RewardModel(Objective):
         optimizer: Optimizer class and arguments (trainable parameters only).
         scheduler: Learning-rate scheduler, e.g. ``ftlab.optim.WarmupLinear``.
         adapter: Start from a saved adapter (and reward head).
+        base_adapter: A ``CausalLM`` run's adapter (the SFT step's) folded into a decoder backbone's
+            weights before ``method`` is applied: the reward model starts from the SFT model.
         max_length: Sequence length (linked from the data).
         pooling: ``auto`` (last non-padding token for decoders, mean for encoders), ``mean``,
             ``cls``, ``last``.
@@ -47,6 +54,7 @@ class RewardModel(Objective):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         adapter: str | None = None,
+        base_adapter: str | None = None,
         max_length: int | None = None,
         pooling: Pooling = "auto",
         margin: float = 0.0,
@@ -54,10 +62,14 @@ class RewardModel(Objective):
     ):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
         self.pooling, self.margin, self.head_dropout = pooling, margin, head_dropout
+        self.base_adapter = base_adapter
         self.head: nn.Module | None = None
 
     def build(self):
-        trunk = self.backbone.load("encoder")
+        if self.base_adapter:  # the SFT model's trunk: the causal LM without its LM head
+            trunk = sft_model(self.backbone, self.base_adapter, "RewardModel").base_model
+        else:
+            trunk = self.backbone.load("encoder")
         if self.pooling == "auto":
             self.pooling = default_pooling(trunk)
         linear = nn.Linear(trunk.config.hidden_size, 1)
@@ -67,6 +79,14 @@ class RewardModel(Objective):
         self.head = nn.Sequential(nn.Dropout(self.head_dropout), linear)
         self.head.to(dtype=next(trunk.parameters()).dtype)
         return trunk
+
+    def configure_model(self) -> None:
+        if self.model is None and self.adapter_path:
+            check_base_adapter(self.adapter_path, self.base_adapter, "RewardModel")
+        super().configure_model()
+
+    def adapter_extra(self) -> dict[str, Any]:
+        return base_adapter_record(self.base_adapter)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) token ids and mask -> (N,) rewards."""

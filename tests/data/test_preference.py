@@ -155,3 +155,34 @@ def test_real_hh_oasst_and_labelstudio_files():
     assert oasst.cleaning["train"]["rows"] == 732 and all(r["prompt"].endswith("\n\nAssistant:") for r in rows)
     ls = PreferenceData(source=str(SHARED / "labelstudio_pairwise_export" / "ls_output_data.json"))
     assert ls.cleaning == {} and ls.raw_rows("train") and ls.cleaning["train"]["rows"] == 32
+
+
+def test_pair_batches_label_the_responses_only():
+    dm = PreferenceData(synthetic_size=16, batch_size=4, max_length=96)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    tok = dm.tokenizer
+    rows = dm.raw_rows("validation")[:4]
+    for i, row in enumerate(rows + rows):
+        counted = batch["labels"][i][batch["labels"][i] != -100]
+        side = row["chosen"] if i < 4 else row["rejected"]
+        assert tok.decode(counted[:-1]) == " " + side and counted[-1].item() == tok.eos_token_id
+
+
+def test_instruction_pairs_prefer_the_correct_answer_to_a_plausible_wrong_one():
+    from ftlab.data.rule_pairs import instruction_pairs
+    from ftlab.rewards import instruction_answer, instruction_following
+
+    pairs = instruction_pairs(200, seed=3)
+    assert pairs == instruction_pairs(200, seed=3) and pairs != instruction_pairs(200, seed=4)
+    prompts = [p["prompt"] for p in pairs]
+    assert instruction_following(prompts, [p["chosen"] for p in pairs]) == [1.0] * 200
+    assert instruction_following(prompts, [p["rejected"] for p in pairs]) == [0.0] * 200
+    assert all(instruction_answer(p) == row["chosen"] for p, row in zip(prompts, pairs))
+    # the wrong answers are near misses, of about the right length, not noise
+    assert sum(abs(len(p["rejected"]) - len(p["chosen"])) <= 2 for p in pairs) > 150
+    dm = PreferenceData(synthetic_task="instructions", synthetic_size=64, min_words=0, max_length=112)
+    dm.setup()
+    assert len(dm.splits["train"]) == 64 and len(dm.splits["validation"]) == 64
+    with pytest.raises(ValueError, match="unknown synthetic_task"):
+        PreferenceData(synthetic_task="poems")

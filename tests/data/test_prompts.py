@@ -10,7 +10,7 @@ def test_synthetic_prompts_stop_where_the_answer_would_start():
     prompts = synthetic_prompts(40, seed=0)
     assert prompts == synthetic_prompts(40, seed=0) and prompts != synthetic_prompts(40, seed=1)
     assert all(p.strip() and not p.endswith(" ") for p in prompts)
-    assert any(p.endswith(" backwards is") or p.endswith(" becomes") for p in prompts)
+    assert any(p.endswith((" backwards is", " becomes")) for p in prompts)
     assert not any("{" in p for p in prompts)
 
 
@@ -62,3 +62,18 @@ def test_empty_prompt_sets_and_blank_prompts_are_errors(tmp_path):
     missing.write_text('{"text": "ok"}\n')
     with pytest.raises(DataError, match=r"missing.jsonl:1: missing field 'prompt'"):
         PromptData(source=str(missing)).setup()
+
+
+def test_instruction_prompts_are_the_embedded_task_and_validate_on_new_words():
+    from ftlab.data import InstructionData
+    from ftlab.rewards import instruction_answer
+
+    dm = PromptData(synthetic_task="instructions", synthetic_size=64, max_length=96)
+    dm.setup()
+    val = [it["prompt"] for it in dm.splits["validation"]]
+    assert all(p.startswith("### Instruction:\n") and p.endswith("### Response:\n") for p in val)
+    assert all(instruction_answer(p) is not None for p in val)
+    sft = InstructionData(template="alpaca_short", synthetic_val_size=32, synthetic_train_size=8)
+    sft.setup("validate")
+    # the held-out prompts are those the SFT step validates on: its scores and the RL step's line up
+    assert [sft.prompt_and_response(r)[0] for r in sft.raw_rows("validation")] == val[:32]

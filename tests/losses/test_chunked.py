@@ -5,7 +5,7 @@ import torch
 
 from ftlab.losses.chunked import chunked_lm_loss, chunked_token_logprobs
 from ftlab.losses.lm import IGNORE, masked_lm_loss
-from ftlab.losses.ppo import token_logprobs
+from ftlab.losses.logprobs import token_logprobs
 
 B, T, H, V = 3, 11, 16, 37
 

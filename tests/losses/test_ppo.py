@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from ftlab.losses import (
-    KLController, adaptive_kl_coef, clip_rewards, entropy_from_logits, explained_variance, gae, kl_penalty_rewards,
-    masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs,
+    KLController,
+    adaptive_kl_coef,
+    clip_rewards,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
 )
 
 

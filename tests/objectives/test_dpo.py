@@ -8,8 +8,8 @@ from ftlab.data import PreferenceData
 from ftlab.losses.lm import IGNORE
 from ftlab.models.backbone import Backbone
 from ftlab.objectives import DPO
-from ftlab.objectives.dpo import response_labels
 from ftlab.peft import Full, LoRA
+from ftlab.preference_logps import response_labels
 
 
 def _trainer(tmp_path, **kw):
@@ -69,7 +69,11 @@ def test_full_fine_tuning_precomputes_the_reference_once(tmp_path):
     dm = PreferenceData(synthetic_size=64, batch_size=16, max_length=48)
     _trainer(tmp_path, max_steps=4, limit_val_batches=1).fit(model, dm)
     assert model.reference == "precomputed"
-    assert len(model._cache) == len(dm.splits["train"]) + len(dm.splits["validation"])
+    # an entry per distinct sequence of the training and validation pairs, after the model was updated
+    assert 0 < len(model.ref.cache) <= 2 * (len(dm.splits["train"]) + len(dm.splits["validation"]))
+    for loader in (dm.val_dataloader(), dm._loader("train", shuffle=False)):
+        for b in loader:
+            model.reference_logps(b, response_labels(b))  # precomputed, so no error
     batch = next(iter(dm.val_dataloader()))
     labels = response_labels(batch)
     L.seed_everything(0)  # the same random base
@@ -102,8 +106,7 @@ def test_ipo_and_bad_arguments():
     ids = torch.tensor([[257, 1, 2, 3], [257, 1, 5, 6]])
     labels = torch.tensor([[IGNORE, 1, 2, 3], [IGNORE, IGNORE, 5, 6]])
     with torch.no_grad():
-        mean = model.logps(ids, torch.ones_like(ids), labels)
-        model.loss_type = "sigmoid"
+        mean = model.logps(ids, torch.ones_like(ids), labels, average=True)
         total = model.logps(ids, torch.ones_like(ids), labels)
     assert torch.allclose(mean, total / torch.tensor([3.0, 2.0]))  # IPO averages over response tokens
     with pytest.raises(ValueError, match="beta must be > 0"):

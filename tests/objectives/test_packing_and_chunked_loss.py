@@ -208,3 +208,29 @@ def test_a_step_is_the_mean_over_its_tokens_whatever_the_batching(tmp_path):
     for other in (_one_step(halves, 2, tmp_path), _one_step(packed, 3, tmp_path)):
         for name in whole:  # the step taken, compared as a whole tensor
             assert _gap(other[name] - start[name], whole[name] - start[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("method", [Full(), PromptTuning(num_virtual_tokens=4)], ids=["full", "prompt"])
+def test_preference_and_rl_logprobs_chunked_equal_the_plain_ones_and_their_gradients(method):
+    """DPO/KTO/ORPO/SimPO read ``sequence_logps``; PPO/GRPO/RLOO ``response_logprobs`` (with PPO's value
+    hidden states and a sampling temperature): chunked or not, the same numbers and gradients."""
+    from ftlab.preference_logps import sequence_logps
+    from ftlab.rollouts import response_logprobs
+
+    model = _objective(method).model
+    torch.manual_seed(1)
+    ids = torch.randint(3, 200, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row, as rollouts have
+    labels = ids.masked_fill(torch.arange(14) < 6, IGNORE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for average in (False, True):
+        a, b = (sequence_logps(model, ids, mask, labels, average, chunked=c) for c in (True, False))
+        assert _gap(a, b) < 1e-5
+        ga, gb = (torch.autograd.grad(x.sum(), params) for x in (a, b))
+        assert max(_gap(x, y) for x, y in zip(ga, gb)) < 1e-5
+    a, b = (response_logprobs(model, ids, mask, ids[:, 6:], 6, 0.7, hidden=True, chunked=c) for c in (True, False))
+    assert a["logprobs"].shape == (3, 8) and a["hidden"].shape[:2] == (3, 8)
+    assert _gap(a["logprobs"], b["logprobs"]) < 1e-5 and _gap(a["hidden"], b["hidden"]) < 1e-5
+    ga, gb = (torch.autograd.grad(x["logprobs"].sum() + x["hidden"].sum(), params) for x in (a, b))
+    assert max(_gap(x, y) for x, y in zip(ga, gb)) < 1e-5
