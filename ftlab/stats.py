@@ -119,20 +119,16 @@ def bootstrap_means(diff: np.ndarray, seed_counts: np.ndarray, example_counts: n
     return np.einsum("bs,sn,bn->b", seed_counts, diff, example_counts, optimize=True) / (s * n)
 
 
-def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0, chunk: int = 1000) -> PairedResult:
-    """Paired bootstrap over seeds and examples of ``mean(a) - mean(b)`` (see the module docstring).
+def bootstrap_distribution(diff, draws: int = 10_000, seed: int = 0, chunk: int = 1000) -> np.ndarray:
+    """``draws`` bootstrap statistics of ``mean(diff)``, resampling seeds and examples crossed.
 
     Args:
-        a: (S, N) or (N,) per-example scores of A, row s for seed s.
-        b: The same shape for B: the same seeds in the same order, the same examples in the same order.
+        diff: (S, N) per-example differences ``a - b``, row s for seed s.
         draws: Bootstrap draws.
         seed: Seed of the resampling (the result is reproducible).
         chunk: Draws computed at once (bounds memory: chunk x N counts).
     """
-    a, b = _as_grid(a, "A"), _as_grid(b, "B")
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores must have one shape: A {a.shape}, B {b.shape} (same seeds, same examples)")
-    diff = a - b  # (S, N)
+    diff = _as_grid(diff, "diff")
     s, n = diff.shape
     rng = np.random.default_rng(seed)
     stats = []
@@ -141,13 +137,37 @@ def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0, chunk: int = 1000
         cs = rng.multinomial(s, np.full(s, 1 / s), size=size).astype(np.float64)  # (b, S)
         ci = rng.multinomial(n, np.full(n, 1 / n), size=size).astype(np.float64)  # (b, N)
         stats.append(bootstrap_means(diff, cs, ci))
-    boot = np.concatenate(stats)
+    return np.concatenate(stats)  # (draws,)
+
+
+def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0) -> PairedResult:
+    """Paired bootstrap over seeds and examples of ``mean(a) - mean(b)`` (see the module docstring).
+
+    Args:
+        a: (S, N) or (N,) per-example scores of A, row s for seed s.
+        b: The same shape for B: the same seeds in the same order, the same examples in the same order.
+        draws: Bootstrap draws.
+        seed: Seed of the resampling (the result is reproducible).
+    """
+    a, b = _as_grid(a, "A"), _as_grid(b, "B")
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have one shape: A {a.shape}, B {b.shape} (same seeds, same examples)")
+    diff = a - b  # (S, N)
+    boot = bootstrap_distribution(diff, draws, seed)
     d = float(diff.mean())
     low, high = np.percentile(boot, [2.5, 97.5])
-    # Centred draws, with a tolerance so that float noise in the sums does not decide ties.
+    return PairedResult(diff.shape[0], diff.shape[1], float(a.mean()), float(b.mean()), d, float(low),
+                        float(high), centred_p(boot, d))
+
+
+def centred_p(boot: np.ndarray, d: float) -> float:
+    """Two-sided p-value of ``d`` from bootstrap statistics ``boot``: the share of centred draws at least
+    as far from zero as ``d``, ``(1 + #{|boot - d| >= |d|}) / (1 + B)``; 1 when ``d`` is 0."""
+    if d == 0:
+        return 1.0
+    # A tolerance, so that float noise in the sums does not decide ties.
     extreme = int(np.sum(np.abs(boot - d) >= abs(d) - 1e-12))
-    p = (1 + extreme) / (1 + draws) if d != 0 else 1.0
-    return PairedResult(s, n, float(a.mean()), float(b.mean()), d, float(low), float(high), min(1.0, p))
+    return min(1.0, (1 + extreme) / (1 + len(boot)))
 
 
 def mcnemar(a, b) -> tuple[int, int, float]:

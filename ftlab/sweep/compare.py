@@ -139,13 +139,20 @@ def compare(sweep: Sweep, first: str, second: str, draws: int = 10_000) -> str:
     return "\n".join(lines)
 
 
-def versus_best(sweep: Sweep, means: dict[str, float], examples: dict[str, dict[int | None, Examples]],
+def versus_best(means: dict[str, float], examples: dict[str, dict[int | None, Examples]], goal: str = "max",
                 draws: int = 10_000) -> tuple[str | None, dict[str, PairedResult | str]]:
-    """The best point by mean (``sweep.goal``) and, for every other, its paired result against it
-    (``point - best``), or a text saying why there is none."""
+    """The best point by mean (the highest for ``goal="max"``) and, for every other, its paired result
+    against it (``point - best``), or a text saying why there is none.
+
+    Args:
+        means: Point label -> the metric's mean over its seeds.
+        examples: Point label -> seed -> per-example scores (``collect`` or ``read_saved``).
+        goal: ``max`` or ``min``: which end of the metric is better.
+        draws: Bootstrap draws per comparison.
+    """
     if not means:
         return None, {}
-    pick = max if sweep.goal == "max" else min
+    pick = max if goal == "max" else min
     best = pick(means, key=means.get)
     out: dict[str, PairedResult | str] = {}
     for label in means:

@@ -117,13 +117,13 @@ def aggregate(sweep: Sweep, table: list[dict[str, Any]]) -> list[dict[str, Any]]
         values = [r["value"] for r in runs if r.get("status") == "done" and isinstance(r.get("value"), (int, float))]
         if values:
             summaries[label] = summarize(values)
-    best, versus = compare.versus_best(sweep, {k: s.mean for k, s in summaries.items()}, examples)
+    best, versus = compare.versus_best({k: s.mean for k, s in summaries.items()}, examples, sweep.goal)
     out = []
     for point in sweep.points:
         runs = by_point.get(point.label, [])
         done = [r for r in runs if r.get("status") == "done"]
         agg: dict[str, Any] = {"point": point.label, **point.columns, "summary": summaries.get(point.label),
-                               "runs": f"{len(done)}/{len(runs)}"}
+                               "n": len(done) if len(done) == len(runs) else f"{len(done)}/{len(runs)}"}
         agg["versus"] = "best" if point.label == best else versus.get(point.label)
         for key in ("params/trainable_pct", "perf/tokens_per_s", "perf/peak_mem_gib"):
             agg[key] = _median([r.get(key) for r in done])
@@ -179,8 +179,7 @@ def markdown(sweep: Sweep, points: list[dict[str, Any]]) -> str:
     for p in points:
         s: Summary | None = p["summary"]
         diff, word = verdict(sweep, p["versus"])
-        cells = [*(p.get(c, "") for c in swept(sweep)), p["runs"] if s is None or s.n != len(sweep.points[0].runs)
-                 else s.n]
+        cells = [*(p.get(c, "") for c in swept(sweep)), p["n"]]
         if s is None:
             cells += ["", "", "", "", "", *[""] * 6]
         else:

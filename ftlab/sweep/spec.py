@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -366,7 +367,16 @@ def _args(overrides: list[tuple[str, Any]]) -> list[str]:
 
 
 def _parser(sweep: Sweep):
-    """The ``ftlab fit`` parser (built once; parsing a point loads no model or data)."""
+    """The ``ftlab fit`` parser for the sweep's base configs (parsing a point loads no model or data)."""
+    try:
+        return _parser_for(tuple(sweep.base))
+    except argparse.ArgumentError as err:
+        raise SweepError(f"{sweep.path}: the base config does not parse: {err}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _parser_for(base: tuple[str, ...]):
+    """Built once per process and base (a few seconds: it imports every method, objective and data)."""
     import logging
 
     from ftlab.cli import FtlabCLI
@@ -380,23 +390,25 @@ def _parser(sweep: Sweep):
             pass
 
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            # LightningCLI warns when args= is given beside sys.argv: parsing args= is the point here.
-            warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            cli = _ParseOnly(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                             parser_kwargs={"exit_on_error": False},
-                             args=[a for b in sweep.base for a in ("--config", b)])
-    except argparse.ArgumentError as err:
-        raise SweepError(f"{sweep.path}: the base config does not parse: {err}") from None
+    with warnings.catch_warnings():
+        # LightningCLI warns when args= is given beside sys.argv: parsing args= is the point here.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        cli = _ParseOnly(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                         parser_kwargs={"exit_on_error": False}, args=[a for b in base for a in ("--config", b)])
     return cli.parser
 
 
 def _parse(parser, args: list[str], sweep: Sweep, what: str):
     try:
-        return parser.parse_args(args)
+        return _parse_cached(parser, tuple(args))
     except argparse.ArgumentError as err:
         raise SweepError(f"{sweep.path}: {what} does not parse:\n{err}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(parser, args: tuple[str, ...]):
+    """Parsing a point takes about a second (every value is type-checked): re-planning reuses it."""
+    return parser.parse_args(list(args))
 
 
 def _keys(config) -> set[str]:
