@@ -64,7 +64,8 @@ import argparse
 import shlex
 import sys
 
-from ftlab.sweep.spec import Point, Run, Sweep, SweepError, load, plan
+from ftlab.sweep.planning import plan
+from ftlab.sweep.spec import Point, Run, Sweep, SweepError, load
 
 __all__ = ["Point", "Run", "Sweep", "SweepError", "load", "main", "plan"]
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from ftlab.stats import PairedResult, Summary, summarize
 from ftlab.sweep import compare
-from ftlab.sweep.spec import Run, Sweep, show
+from ftlab.sweep.planning import show
+from ftlab.sweep.spec import Run, Sweep
 
 #: summary.json fields copied into results.csv after the metrics.
 SUMMARY_FIELDS = ("params/trainable", "params/total", "params/trainable_pct", "perf/tokens_per_s",
