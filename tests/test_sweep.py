@@ -340,7 +340,9 @@ def test_results_have_each_column_once(tmp_path):
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "summary.json").write_text(json.dumps(
             {"metrics": {"train/loss": loss, "perf/tokens_per_s": 100.0, "val/f1": 0.7},
-             "perf/tokens_per_s": 100.0, "steps": 2}))
+             "perf/tokens_per_s": 100.0, "steps": 2, "method": "LoRA"}))
     columns, table = rows(sweep)
     assert len(columns) == len(set(columns)) and {"perf/tokens_per_s", "val/f1", "seed", "tokens"} <= set(columns)
     assert [(r["value"], r["perf/tokens_per_s"], r["seed"]) for r in table] == [(0.5, 100.0, 0), (0.4, 100.0, 0)]
+    # The method's class has a column of its own: a grid axis is often called "method".
+    assert [r["method_class"] for r in table] == ["LoRA", "LoRA"] and "method" not in columns

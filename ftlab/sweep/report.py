@@ -19,6 +19,8 @@ from ftlab.sweep.spec import Run, Sweep
 #: summary.json fields copied into results.csv after the metrics.
 SUMMARY_FIELDS = ("params/trainable", "params/total", "params/trainable_pct", "perf/tokens_per_s",
                   "perf/step_s", "perf/peak_mem_gib", "steps", "method", "objective")
+#: Their column names where they differ: a grid axis is often called ``method`` itself.
+RENAMED = {"method": "method_class", "objective": "objective_class"}
 #: budget.json fields: what each run trained on.
 BUDGET_FIELDS = ("samples", "tokens")
 
@@ -57,7 +59,7 @@ def _row(sweep: Sweep, run: Run, metrics: dict[str, None]) -> dict[str, Any]:
         for k, v in summary.get("metrics", {}).items():
             metrics[k] = None
             row[k] = v
-        row.update({k: summary.get(k) for k in SUMMARY_FIELDS})
+        row.update({RENAMED.get(k, k): summary.get(k) for k in SUMMARY_FIELDS})
         budget = path.parent / "budget.json"
         if budget.exists():
             row.update({k: json.loads(budget.read_text()).get(k) for k in BUDGET_FIELDS})
@@ -73,7 +75,8 @@ def rows(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
     metrics: dict[str, None] = {}
     table = [_row(sweep, run, metrics) for run in sweep.runs]
     logged = sorted(k for k in metrics if k != sweep.metric and k not in SUMMARY_FIELDS)  # perf/* are in both
-    columns = ["run", "point", "seed", *swept(sweep), "status", "metric", "value", *logged, *SUMMARY_FIELDS,
+    summary = [RENAMED.get(k, k) for k in SUMMARY_FIELDS]
+    columns = ["run", "point", "seed", *swept(sweep), "status", "metric", "value", *logged, *summary,
                *BUDGET_FIELDS, "wall_s", "config_sha", "run_dir"]
     return columns, table
 
