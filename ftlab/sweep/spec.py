@@ -67,6 +67,8 @@ class Run:
 
 @dataclass
 class Sweep:
+    """What a sweep file says (``load``) and, once planned (``plan``), its points and their runs."""
+
     path: Path
     base: list[str]
     grid: dict[str, Any]
