@@ -8,10 +8,12 @@ unnamed gets
   from the class default;
 - group: objective, backbone and data source (``SequenceClassifier-minilm-sst2_glue``), so every
   method on one task sits side by side;
-- tags: ``[method, objective, backbone]`` plus ``$WANDB_TAGS``.
+- tags: ``[method, objective, backbone, seed=<s>]`` plus ``$WANDB_TAGS``;
+- the seed (``seed_everything``) ends the name (``...-seed0``), so runs that differ only by seed are
+  told apart while the group keeps them together.
 
 Values set in the config win, and so do W&B's own ``WANDB_NAME`` / ``WANDB_RUN_GROUP`` variables
-(``ftlab sweep`` sets them to the grid point and the sweep's name).
+(``ftlab sweep`` sets them to ``<point> seed=<s>`` and one group per grid point, ``<sweep>/<point>``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def run_name(method: Any) -> str:
     return "-".join(parts)[:128]
 
 
+def run_seed() -> int | None:
+    """The seed of this run: what ``seed_everything`` set (Lightning keeps it in ``PL_GLOBAL_SEED``)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed and seed.lstrip("-").isdigit() else None
+
+
 def run_identity(model: Any, datamodule: Any) -> tuple[str, str, list[str]]:
     """(name, group, tags) of a run of ``model`` (an ftlab Objective) on ``datamodule``."""
     method = getattr(model, "method", None)
@@ -63,7 +71,12 @@ def run_identity(model: Any, datamodule: Any) -> tuple[str, str, list[str]]:
     data = Path(str(source)).name if source else type(datamodule).__name__
     method_name = type(method).__name__ if method is not None else "Full"
     name = run_name(method) if method is not None else method_name
-    return name, "-".join([objective, backbone, data])[:128], [method_name, objective, backbone[:64]]
+    tags = [method_name, objective, backbone[:64]]
+    seed = run_seed()
+    if seed is not None:
+        name = f"{name[:120]}-seed{seed}"
+        tags.append(f"seed={seed}")
+    return name, f"{objective}-{backbone}-{data}"[:128], tags
 
 
 def name_wandb_runs(loggers: list, model: Any, datamodule: Any) -> None:

@@ -72,7 +72,9 @@ class SequenceClassifier(Objective):
         self.head = nn.Sequential(nn.Dropout(self.head_dropout), nn.Linear(hidden, self.num_labels))
         self.head.to(dtype=next(trunk.parameters()).dtype)
         n = self.num_labels
-        self.metrics = nn.ModuleDict({"accuracy": MulticlassAccuracy(n), "f1": MulticlassF1Score(n, average="macro")})
+        # Accuracy is the share of examples right (torchmetrics' default would average per class).
+        self.metrics = nn.ModuleDict({"accuracy": MulticlassAccuracy(n, average="micro"),
+                                      "f1": MulticlassF1Score(n, average="macro")})
         return trunk
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,19 +87,24 @@ class SequenceClassifier(Objective):
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
         return loss
 
-    def _eval(self, batch: dict[str, Any], stage: str) -> None:
+    def _eval(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
         n = self.batch_size_of(batch)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), batch["labels"]), batch_size=n, sync_dist=True)
+        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")  # (B,)
+        self.log(f"{stage}/loss", losses.mean(), batch_size=n, sync_dist=True)
         for name, metric in self.metrics.items():
             metric(logits, batch["labels"])
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy", batch_size=n)
+        pred = logits.argmax(-1)  # (B,)
+        # Per-example results (their means are val/accuracy and val/loss), for paired comparisons of runs.
+        return {"accuracy": (pred == batch["labels"]).float(), "loss": losses.detach(), "pred": pred,
+                "label": batch["labels"]}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self(batch["input_ids"], batch["attention_mask"]).argmax(-1)
