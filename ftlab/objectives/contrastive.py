@@ -7,9 +7,16 @@
 - ``cosent`` / ``cosine``: graded pairs (STS 0-5): CoSENT ranking, or cosine regression on scores
   scaled to [0, 1].
 
+Under DDP the loss is that of the global batch (``gather_across_processes``, on by default): every
+process gathers all processes' embeddings, so each anchor's in-batch negatives are the other
+``world_size · B - 1`` positives (and every hard negative), as one process with the whole batch
+would have. Gradients flow back to each process's own embeddings (see ``gather_across_processes``).
+
 Metrics: ``val/spearman`` (Spearman's ρ between the cosine and the gold score, in [-1, 1]; STS
 papers print it ×100) for graded pairs; ``val/recall@k`` for retrieval pairs: each anchor ranks every positive
-(and hard negative) of the whole split, and a hit is its own positive in the top k.
+(and hard negative) of the whole split, and a hit is its own positive in the top k; for triplets also
+``val/triplet_accuracy``, the share of anchors closer to their positive than to their own hard
+negative (e.g. entailment above contradiction for an NLI premise).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -42,6 +50,61 @@ class Temperature(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return torch.exp(-self.log_scale.clamp(max=self.max_log_scale))  # 0-dim τ
+
+
+class _GatherRows(torch.autograd.Function):
+    """All processes' (N_r, ...) rows concatenated in rank order; the gradient goes back to each
+    process's own rows.
+
+    torch's autograd-aware gathers (``torch.distributed.nn.functional.all_gather``, the functional
+    collectives) are deprecated one after the other in torch 2.x; this one uses only the stable
+    ``all_gather`` and ``all_reduce``, works on gloo and NCCL, and takes rows of unequal counts.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, dist.get_rank()
+        padded = x.new_zeros((max(counts), *x.shape[1:]))  # all_gather needs equal shapes
+        padded[: x.size(0)] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])  # (Σ N_r, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every process's loss used every row: this process's rows get the sum of all those gradients.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]], None
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_across_processes(x: torch.Tensor) -> torch.Tensor:
+    """(N_r, ...) rows of each process -> (Σ N_r, ...) rows of all, in rank order, on every process.
+
+    Differentiable: the backward sums each row's gradient over the processes (each computed a loss
+    of the whole gathered batch) and hands each process its own rows. Under DDP, which averages
+    parameter gradients over the W processes, a loss ``L`` of the global batch computed on every
+    process then trains with exactly the gradient of ``L`` on one process holding the whole batch:
+    ``(1/W) Σ_r W ∂L/∂e_r · ∂e_r/∂θ = ∂L/∂θ``. Without torch.distributed, ``x`` itself.
+    """
+    if world_size() == 1:
+        return x
+    count = torch.tensor([x.size(0)], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    return _GatherRows.apply(x, [int(c) for c in counts])
+
+
+def triplet_accuracy(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Share of (B, H) anchors whose cosine with their positive beats that with their own negative."""
+    pos = F.cosine_similarity(anchor.float(), positive.float(), dim=-1)  # (B,)
+    return (pos > F.cosine_similarity(anchor.float(), negative.float(), dim=-1)).float().mean()
 
 
 def recall_at_k(
@@ -74,6 +137,9 @@ class Contrastive(Objective):
         symmetric: InfoNCE in both directions (anchor→positive and positive→anchor).
         cosent_scale: CoSENT's λ.
         recall_k: The k of ``val/recall@k`` for retrieval pairs.
+        gather_across_processes: Under DDP, train on the loss of the global batch: every process's
+            embeddings join the in-batch negatives of all (gradients reach each process's own).
+            Off: each process's loss sees only its local batch.
     """
 
     def __init__(
@@ -92,6 +158,7 @@ class Contrastive(Objective):
         symmetric: bool = False,
         cosent_scale: float = 20.0,
         recall_k: list[int] | None = None,
+        gather_across_processes: bool = True,
     ):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
         if loss not in ("auto", "infonce", "cosent", "cosine"):
@@ -101,6 +168,7 @@ class Contrastive(Objective):
         self.loss_name, self.pooling, self.normalize = loss, pooling, normalize
         self.symmetric, self.cosent_scale = symmetric, cosent_scale
         self.recall_k = list(recall_k or [1, 5])
+        self.gather = gather_across_processes
         self.fixed_temperature = temperature
         self.temperature = Temperature(temperature) if learn_temperature else None
         self.heads = ("temperature",) if learn_temperature else ()
@@ -129,20 +197,26 @@ class Contrastive(Objective):
         return self.temperature() if self.temperature is not None else self.fixed_temperature
 
     def compute_loss(self, batch: dict[str, Any], embs: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of a batch's role-split embeddings (of the global batch when training under DDP)."""
         name = self.loss_name
         if name == "auto":
             name = "cosent" if "score" in batch else "infonce"
+        if name != "infonce" and "score" not in batch:
+            raise ValueError(f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce")
+        ids, score = list(batch["text_ids"].chunk(len(embs))), batch.get("score")
+        if self.gather and self.training and world_size() > 1:
+            # Role by role, so that rows stay aligned: anchors of ranks 0..W-1, positives of ranks 0..W-1, ...
+            embs = [gather_across_processes(e) for e in embs]  # [(W·B, H)] * R
+            ids = [gather_across_processes(i) for i in ids]
+            score = gather_across_processes(score) if score is not None else None
         if name == "infonce":
-            ids = batch["text_ids"].chunk(len(embs))
             neg = embs[2] if len(embs) > 2 else None
             return info_nce(embs[0], embs[1], neg, self.tau(), self.symmetric, ids[0], ids[1],
                             ids[2] if len(ids) > 2 else None)
-        if "score" not in batch:
-            raise ValueError(f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce")
         cos = F.cosine_similarity(embs[0].float(), embs[1].float(), dim=-1)  # (B,)
         if name == "cosent":
-            return cosent_loss(cos, batch["score"], self.cosent_scale)
-        return cosine_regression_loss(cos, batch["score"])
+            return cosent_loss(cos, score, self.cosent_scale)
+        return cosine_regression_loss(cos, score)
 
     # ------------------------------------------------------------------ steps
     def batch_size_of(self, batch: dict[str, Any]) -> int:
@@ -172,7 +246,8 @@ class Contrastive(Objective):
             keep.append(torch.tensor(len(embs)))
 
     def _log_recall(self, stage: str) -> None:
-        """Recall@k over the whole split (not per batch): each anchor against every candidate."""
+        """Recall@k over the whole split (not per batch): each anchor against every candidate; and
+        for triplets, the share of anchors closer to their positive than to their hard negative."""
         parts = self._retrieval.pop(stage, [])
         if not parts:
             return
@@ -185,6 +260,9 @@ class Contrastive(Objective):
             c_ids += idss[1:]
         queries, candidates = torch.cat(anchors), torch.cat(cands)
         target, cand_ids = torch.cat(pos_ids), torch.cat(c_ids)
+        if int(parts[2]) == 3:
+            pos, neg = torch.cat(cands[0::2]), torch.cat(cands[1::2])  # (Q, H) each
+            self.log(f"{stage}/triplet_accuracy", triplet_accuracy(queries, pos, neg))
         # Each text once: a positive shared by several anchors must not crowd the top k with copies.
         cand_ids, first = _unique_first(cand_ids)
         candidates = candidates[first]
