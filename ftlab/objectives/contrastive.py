@@ -233,7 +233,9 @@ class Contrastive(Objective):
     def _eval(self, batch: dict[str, Any], stage: str) -> None:
         embs = self._embed(batch)
         n = self.batch_size_of(batch)
-        self.log(f"{stage}/loss", self.compute_loss(batch, embs), batch_size=n, sync_dist=True)
+        if "score" in batch or self.loss_name in ("auto", "infonce"):
+            # A model trained on graded pairs can still be scored on triplets, with no loss to log.
+            self.log(f"{stage}/loss", self.compute_loss(batch, embs), batch_size=n, sync_dist=True)
         if "score" in batch:
             cos = F.cosine_similarity(embs[0].float(), embs[1].float(), dim=-1)  # (B,)
             metric = self.metrics[stage]
