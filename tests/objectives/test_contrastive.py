@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -113,6 +115,25 @@ def test_recall_at_k_by_hand_counts_any_copy_of_the_target():
     assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 1).item() == pytest.approx(1 / 3)
     assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 2).item() == pytest.approx(2 / 3)
     assert recall_at_k(q, c, torch.tensor([10, 12, 11]), ids, 10).item() == 1.0
+
+
+def test_infonce_on_a_triplet_batch_by_hand():
+    # The batch holds anchors, positives, hard negatives (role-major); logits = cos / τ, τ = 0.5.
+    # Hard negative 2 is the same text as positive 1: for row 1 it is the right answer again, for
+    # row 2 a copy of a column already counted. Both leave it out.
+    model = Contrastive(Backbone(pretrained=False), loss="infonce", temperature=0.5)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    n = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    batch = {"text_ids": torch.tensor([10, 11, 20, 21, 30, 20]), "roles": ["anchor", "positive", "negative"]}
+    row1 = math.log(math.exp(2.0) + math.exp(1.2) + math.exp(-2.0)) - 2.0  # [p1, p2, n1]: cos 1, .6, -1
+    row2 = math.log(math.exp(0.0) + math.exp(1.6) + math.exp(0.0)) - 1.6  # [p1, p2, n1]: cos 0, .8, 0
+    assert model.compute_loss(batch, [a, p, n]).item() == pytest.approx((row1 + row2) / 2, abs=1e-6)
+    # with every text distinct, n2 joins both rows: cos 1 for row 1, 0 for row 2
+    batch["text_ids"] = torch.arange(6)
+    row1 = math.log(math.exp(2.0) + math.exp(1.2) + math.exp(-2.0) + math.exp(2.0)) - 2.0
+    row2 = math.log(math.exp(0.0) + math.exp(1.6) + math.exp(0.0) + math.exp(0.0)) - 1.6
+    assert model.compute_loss(batch, [a, p, n]).item() == pytest.approx((row1 + row2) / 2, abs=1e-6)
 
 
 def test_triplet_accuracy_by_hand():
