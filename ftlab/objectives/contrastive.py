@@ -128,13 +128,14 @@ class Contrastive(Objective):
         scheduler: Learning-rate scheduler, e.g. ``ftlab.optim.WarmupLinear``.
         adapter: Start from a saved adapter (and learned temperature).
         max_length: Sequence length (linked from the data).
-        loss: ``infonce``, ``cosent``, ``cosine``, or ``auto`` (``cosent`` for batches with
-            scores, ``infonce`` otherwise).
+        loss: ``infonce``, ``cosent``, ``cosine``, or ``auto`` (``graded_loss`` for batches with
+            scores, ``infonce`` otherwise: what mixed sources need).
         pooling: ``auto`` (last token for decoders, mean for encoders), ``mean``, ``cls``, ``last``.
         normalize: L2-normalise the embeddings that ``forward`` returns (cosines are unaffected).
         temperature: InfoNCE's τ (initial value when learned).
         learn_temperature: Train τ (it is then saved with the adapter).
         symmetric: InfoNCE in both directions (anchor→positive and positive→anchor).
+        graded_loss: What ``loss: auto`` uses for graded pairs: ``cosent`` or ``cosine``.
         cosent_scale: CoSENT's λ.
         recall_k: The k of ``val/recall@k`` for retrieval pairs.
         gather_across_processes: Under DDP, train on the loss of the global batch: every process's
@@ -156,6 +157,7 @@ class Contrastive(Objective):
         temperature: float = 0.05,
         learn_temperature: bool = False,
         symmetric: bool = False,
+        graded_loss: Literal["cosent", "cosine"] = "cosent",
         cosent_scale: float = 20.0,
         recall_k: list[int] | None = None,
         gather_across_processes: bool = True,
@@ -163,9 +165,11 @@ class Contrastive(Objective):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
         if loss not in ("auto", "infonce", "cosent", "cosine"):
             raise ValueError(f"unknown loss {loss!r}; use auto, infonce, cosent or cosine")
+        if graded_loss not in ("cosent", "cosine"):
+            raise ValueError(f"unknown graded_loss {graded_loss!r}; use cosent or cosine")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.loss_name, self.pooling, self.normalize = loss, pooling, normalize
+        self.loss_name, self.graded_loss, self.pooling, self.normalize = loss, graded_loss, pooling, normalize
         self.symmetric, self.cosent_scale = symmetric, cosent_scale
         self.recall_k = list(recall_k or [1, 5])
         self.gather = gather_across_processes
@@ -200,7 +204,7 @@ class Contrastive(Objective):
         """The loss of a batch's role-split embeddings (of the global batch when training under DDP)."""
         name = self.loss_name
         if name == "auto":
-            name = "cosent" if "score" in batch else "infonce"
+            name = self.graded_loss if "score" in batch else "infonce"
         if name != "infonce" and "score" not in batch:
             raise ValueError(f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce")
         ids, score = list(batch["text_ids"].chunk(len(embs))), batch.get("score")
@@ -223,8 +227,16 @@ class Contrastive(Objective):
         return int(batch["input_ids"].size(0)) // len(batch["roles"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch, self._embed(batch))
-        n = self.batch_size_of(batch)
+        # Two sources trained together (PairData's mix_source) come as {"main": batch, "mix": batch}:
+        # each gets its own loss (a scored batch and a triplet batch under loss=auto), summed.
+        parts = {"": batch} if "input_ids" in batch else batch
+        loss = torch.zeros((), device=self.device)
+        for key, part in parts.items():
+            part_loss = self.compute_loss(part, self._embed(part))
+            loss = loss + part_loss
+            if key:
+                self.log(f"train/loss_{key}", part_loss, batch_size=self.batch_size_of(part))
+        n = self.batch_size_of(next(iter(parts.values())))
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if self.temperature is not None:
             self.log("train/temperature", self.tau(), batch_size=n)

@@ -98,6 +98,24 @@ def test_full_cosent_raises_spearman_on_graded_pairs(tmp_path):
     assert "val/recall@1" not in after
 
 
+def test_mixed_sources_train_on_the_sum_of_their_losses(tmp_path):
+    # STS-style graded pairs (cosine regression under loss=auto) with NLI triplets (InfoNCE)
+    lines = ["premise\thypothesis\tlabel"] + [
+        f"Man {i} sleeps .\t{h}\t{label}" for i in range(8)
+        for h, label in ((f"Person {i} rests .", "entailment"), (f"Dog {i} runs .", "contradiction"))]
+    (tmp_path / "nli.tsv").write_text("\n".join(lines) + "\n")
+    dm = PairData(synthetic_task="scored", synthetic_size=64, batch_size=16, max_length=32,
+                  mix_source=str(tmp_path / "nli.tsv"), mix_format="nli", mix_batch_size=4)
+    model = Contrastive(Backbone(), _lora(), loss="auto", graded_loss="cosine", pooling="mean")
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(model, dm)
+    m = trainer.callback_metrics
+    assert m["train/loss_main"] > 0 and m["train/loss_mix"] > 0
+    assert m["train/loss"].item() == pytest.approx((m["train/loss_main"] + m["train/loss_mix"]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown graded_loss"):
+        Contrastive(graded_loss="triplet")
+
+
 def test_graded_losses_need_scores():
     model = Contrastive(Backbone(pretrained=False), loss="cosent")
     batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "roles": ["anchor", "positive"],
