@@ -6,6 +6,9 @@
   or learned (``τ = exp(-s)`` with ``s`` trained, as CLIP's logit scale).
 - ``cosent`` / ``cosine``: graded pairs (STS 0-5): CoSENT ranking, or cosine regression on scores
   scaled to [0, 1].
+- ``auto``: ``graded_loss`` (cosent or cosine) for batches with scores, ``infonce`` otherwise; with
+  two sources trained together (``PairData(mix_source=...)``, a batch of each per step) the
+  training loss is the sum of the two batches' losses.
 
 Under DDP the loss is that of the global batch (``gather_across_processes``, on by default): every
 process gathers all processes' embeddings, so each anchor's in-batch negatives are the other
