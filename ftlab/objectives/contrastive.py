@@ -8,7 +8,7 @@
   scaled to [0, 1].
 - ``auto``: ``graded_loss`` (cosent or cosine) for batches with scores, ``infonce`` otherwise; with
   two sources trained together (``PairData(mix_source=...)``, a batch of each per step) the
-  training loss is the sum of the two batches' losses.
+  training loss is ``L_main + mix_weight · L_mix``.
 
 Under DDP the loss is that of the global batch (``gather_across_processes``, on by default): every
 process gathers all processes' embeddings, so each anchor's in-batch negatives are the other
@@ -141,6 +141,8 @@ class Contrastive(Objective):
         graded_loss: What ``loss: auto`` uses for graded pairs: ``cosent`` or ``cosine``.
         cosent_scale: CoSENT's λ.
         recall_k: The k of ``val/recall@k`` for retrieval pairs.
+        mix_weight: Weight of the second source's loss in the sum (``PairData(mix_source=...)``):
+            InfoNCE's gradients dwarf cosine regression's, so a weight well below 1 may balance them.
         gather_across_processes: Under DDP, train on the loss of the global batch: every process's
             embeddings join the in-batch negatives of all (gradients reach each process's own).
             Off: each process's loss sees only its local batch.
@@ -163,6 +165,7 @@ class Contrastive(Objective):
         graded_loss: Literal["cosent", "cosine"] = "cosent",
         cosent_scale: float = 20.0,
         recall_k: list[int] | None = None,
+        mix_weight: float = 1.0,
         gather_across_processes: bool = True,
     ):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
@@ -175,7 +178,9 @@ class Contrastive(Objective):
         self.loss_name, self.graded_loss, self.pooling, self.normalize = loss, graded_loss, pooling, normalize
         self.symmetric, self.cosent_scale = symmetric, cosent_scale
         self.recall_k = list(recall_k or [1, 5])
-        self.gather = gather_across_processes
+        if mix_weight < 0:
+            raise ValueError(f"mix_weight must be >= 0, got {mix_weight}")
+        self.mix_weight, self.gather = mix_weight, gather_across_processes
         self.fixed_temperature = temperature
         self.temperature = Temperature(temperature) if learn_temperature else None
         self.heads = ("temperature",) if learn_temperature else ()
@@ -236,7 +241,7 @@ class Contrastive(Objective):
         loss = torch.zeros((), device=self.device)
         for key, part in parts.items():
             part_loss = self.compute_loss(part, self._embed(part))
-            loss = loss + part_loss
+            loss = loss + (self.mix_weight if key == "mix" else 1.0) * part_loss
             if key:
                 self.log(f"train/loss_{key}", part_loss, batch_size=self.batch_size_of(part))
         n = self.batch_size_of(next(iter(parts.values())))

@@ -106,14 +106,16 @@ def test_mixed_sources_train_on_the_sum_of_their_losses(tmp_path):
     (tmp_path / "nli.tsv").write_text("\n".join(lines) + "\n")
     dm = PairData(synthetic_task="scored", synthetic_size=64, batch_size=16, max_length=32,
                   mix_source=str(tmp_path / "nli.tsv"), mix_format="nli", mix_batch_size=4)
-    model = Contrastive(Backbone(), _lora(), loss="auto", graded_loss="cosine", pooling="mean")
+    model = Contrastive(Backbone(), _lora(), loss="auto", graded_loss="cosine", pooling="mean", mix_weight=0.25)
     trainer = _trainer(tmp_path, 2)
     trainer.fit(model, dm)
     m = trainer.callback_metrics
     assert m["train/loss_main"] > 0 and m["train/loss_mix"] > 0
-    assert m["train/loss"].item() == pytest.approx((m["train/loss_main"] + m["train/loss_mix"]).item(), rel=1e-6)
+    assert m["train/loss"].item() == pytest.approx((m["train/loss_main"] + 0.25 * m["train/loss_mix"]).item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown graded_loss"):
         Contrastive(graded_loss="triplet")
+    with pytest.raises(ValueError, match="mix_weight must be >= 0"):
+        Contrastive(mix_weight=-1.0)
 
 
 def test_graded_losses_need_scores():
