@@ -12,6 +12,12 @@ Formats (``format``):
   hypothesis is a positive and a contradicted one its hard negative (triplets).
 - ``auto`` picks one of those from the file names and columns.
 
+Two sources trained together (``mix_source``, e.g. STS-B graded pairs and NLI triplets): every
+training step takes one batch of each (Lightning's ``CombinedLoader``, ``max_size_cycle``: an
+epoch is the longer source's batches, the shorter one starts over when it runs out), as a dict
+``{"main": batch, "mix": batch}``; ``Contrastive`` sums the two losses. Validation and test use
+``source`` only.
+
 A batch stacks every text of the batch in one tensor, role by role: ``input_ids`` (R·B, T) holds
 the B anchors, then the B positives (then the B negatives); ``text_ids`` (R·B,) are hashes of the
 texts, so duplicates are not used as each other's negatives; ``score`` (B,) is the gold score
@@ -25,12 +31,13 @@ import hashlib
 import logging
 import random
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ftlab.data._base import TokenizedData, pad
+from ftlab.data._base import ResumableLoader, ResumableSampler, TokenizedData, pad
 from ftlab.data._io import SPLIT_NAMES, DataError, Record, require
 from ftlab.data.synthetic import make_word
 
@@ -105,6 +112,10 @@ class PairData(TokenizedData):
         seed: Seed for shuffling, splitting and the synthetic task.
         synthetic_task: ``scored`` (graded pairs, 0-5), ``pairs`` or ``triplets``.
         synthetic_size: Training rows of the synthetic task (validation: a tenth, at least 64).
+        mix_source: A second training file or folder (its train split), trained together with
+            ``source``: each step takes a batch of each (see the module docstring).
+        mix_format: ``format`` of ``mix_source``.
+        mix_batch_size: Batch size of ``mix_source`` (default: ``batch_size``).
     """
 
     def __init__(
@@ -123,6 +134,9 @@ class PairData(TokenizedData):
         seed: int = 0,
         synthetic_task: Literal["scored", "pairs", "triplets"] = "scored",
         synthetic_size: int = 2000,
+        mix_source: str | None = None,
+        mix_format: Literal["auto", "records", "stsb", "nli"] = "auto",
+        mix_batch_size: int | None = None,
     ):
         super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
         names = (*ROLES, "sentence1", "sentence2", "score", "premise", "hypothesis", "label")
@@ -135,6 +149,9 @@ class PairData(TokenizedData):
         if not self.score_range[0] < self.score_range[1]:
             raise ValueError(f"score_range must be [low, high] with low < high, got {list(score_range)}")
         self.synthetic_task, self.synthetic_size = synthetic_task, synthetic_size
+        if mix_batch_size is not None and mix_batch_size <= 0:
+            raise ValueError(f"mix_batch_size must be > 0, got {mix_batch_size}")
+        self.mix_source, self.mix_format, self.mix_batch_size = mix_source, mix_format, mix_batch_size
         self._frame: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ rows
@@ -259,12 +276,31 @@ class PairData(TokenizedData):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
+        if self.mix_source and "mix" not in self.splits:
+            other = PairData(self.mix_source, self.tokenizer_name, self.mix_format, self.fields, self.score_range,
+                             self.max_length, max_samples=self.max_samples, seed=self.seed)
+            self.splits["mix"] = self._encode_all(other.raw_rows("train"), "mix")
         for split, items in self.splits.items():
             shape = _shape(items[0]) if items else None
             odd = next((it for it in items if _shape(it) != shape), None)
             if odd is not None:
                 raise DataError(f"{odd['_where']}: the {split} split mixes pairs, triplets and scored pairs "
                                 f"(this row has {_shape(odd)[1]}, the first has {shape[1]})")
+
+    def train_dataloader(self):
+        main = super().train_dataloader()
+        if not self.mix_source:
+            return main
+        from lightning.pytorch.utilities import CombinedLoader
+
+        items, batch_size = self.splits["mix"], self.mix_batch_size or self.batch_size
+        if not items:
+            raise DataError(f"PairData: mix_source {self.mix_source} has no training rows")
+        # Its own seeded order (seed + 1), split across ranks like the main source's.
+        sampler = ResumableSampler(items, self.seed + 1, self.trainer, batch_size)
+        mix = ResumableLoader(items, sampler=sampler, batch_size=batch_size, num_workers=self.num_workers,
+                              collate_fn=partial(self.collate, split="mix"))
+        return CombinedLoader({"main": main, "mix": mix}, mode="max_size_cycle")
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         n_roles = len(items[0]["ids"])

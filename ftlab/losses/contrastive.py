@@ -67,8 +67,8 @@ def info_nce(
         symmetric: Also classify each positive's anchor among all anchors, and average.
         anchor_ids, positive_ids, negative_ids: optional (B,), (B,), (N,) integer ids of the
             texts (e.g. hashes). Pairs that share an anchor or a positive do not serve as each
-            other's negatives, a text repeated in the batch counts once, and a hard negative
-            equal to the anchor's positive is left out.
+            other's negatives, a text repeated among the candidates (positives and hard
+            negatives) counts once, and a hard negative equal to the anchor's positive is left out.
 
     Returns the mean cross-entropy, a scalar.
     """
@@ -79,10 +79,14 @@ def info_nce(
     mask = _false_negatives(positive_ids, anchor_ids, B, anchor.device)
     if mask is not None:
         if negative is not None:
-            neg = torch.zeros(B, negative.size(0), dtype=torch.bool, device=anchor.device)  # (B, N)
-            if negative_ids is not None and positive_ids is not None:
-                neg = positive_ids[:, None] == negative_ids[None, :]
-            mask = torch.cat([mask, neg], dim=1)
+            drop = torch.zeros(negative.size(0), dtype=torch.bool, device=anchor.device)  # (N,)
+            if negative_ids is not None:
+                # A hard negative that is already a column (a positive, or an earlier hard negative)
+                # counts once; one that is a row's own positive text is no negative of that row.
+                drop = torch.triu(negative_ids[:, None] == negative_ids[None, :], diagonal=1).any(dim=0)
+                if positive_ids is not None:
+                    drop |= (positive_ids[:, None] == negative_ids[None, :]).any(dim=0)
+            mask = torch.cat([mask, drop[None, :].expand(B, -1)], dim=1)  # (B, B + N)
         logits = logits.masked_fill(mask, float("-inf"))
     loss = F.cross_entropy(logits, target)
     if not symmetric:

@@ -7,10 +7,6 @@ import torch
 from ftlab.data import DataError, PairData
 from ftlab.data.pairs import read_sts, text_id
 
-
-
-
-
 SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
 
 # Real STS-B quirks: no header, tab-separated, quotes that are not CSV quoting, and some rows with
@@ -120,6 +116,31 @@ def test_nli_rows_become_triplets(tmp_path, caplog):
     path.write_text("premise\thypothesis\tlabel\nA\tB\tmaybe\n")
     with pytest.raises(DataError, match=r"nli.tsv:2: field 'label' = 'maybe'"):
         PairData(source=str(path), val_fraction=0).setup()
+
+
+def _nli_file(path, premises: int):
+    lines = ["premise\thypothesis\tlabel"]
+    for i in range(premises):
+        lines += [f"Man {i} sleeps .\tPerson {i} rests .\tentailment", f"Man {i} sleeps .\tMan {i} runs .\tcontradiction"]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_mix_source_gives_a_batch_of_each_source_per_step(tmp_path):
+    # 64 graded pairs in batches of 8 (8 steps) beside 6 NLI triplets in batches of 3 (2, cycled)
+    dm = PairData(synthetic_task="scored", synthetic_size=64, batch_size=8, max_length=32,
+                  mix_source=_nli_file(tmp_path / "nli.tsv", 6), mix_format="nli", mix_batch_size=3)
+    dm.setup("fit")
+    steps = [batch for batch, _, _ in dm.train_dataloader()]
+    assert len(steps) == 8
+    assert all(b["main"]["score"].shape == (8,) and b["main"]["input_ids"].size(0) == 16 for b in steps)
+    assert all(b["mix"]["roles"] == ["anchor", "positive", "negative"] and b["mix"]["input_ids"].size(0) == 9
+               for b in steps)
+    anchors = torch.cat([b["mix"]["text_ids"][:3] for b in steps])  # (24,): 6 premises, each 4 times
+    assert sorted(anchors.unique(return_counts=True)[1].tolist()) == [4] * 6
+    assert dm.val_dataloader().dataset is dm.splits["validation"]  # validation: the main source only
+    with pytest.raises(ValueError, match="mix_batch_size must be > 0"):
+        PairData(mix_source="x.tsv", mix_batch_size=0)
 
 
 def test_synthetic_tasks_are_deterministic_and_learnable_in_shape():
