@@ -26,10 +26,19 @@ import torch.nn.functional as F
 from ftlab.models.backbone import Backbone
 from ftlab.peft import LoRA
 
-LLAMA_CPU = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=8)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA_CPU = dict(
+    hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -41,8 +50,15 @@ def sync(device: torch.device) -> None:
 class Runner:
     """A model, its optimizer and a loss closure: ``step()`` returns seconds for one step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
-                 lr: float = 1e-4, fused: bool = False):
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        loss_fn: Callable[[], torch.Tensor],
+        device: torch.device,
+        lr: float = 1e-4,
+        fused: bool = False,
+    ):
         self.name, self.model, self.loss_fn, self.device = name, model, loss_fn, device
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
@@ -63,8 +79,9 @@ class Runner:
 
 
 def causal_loss(model, ids):
-    return lambda: F.cross_entropy(model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).float(),
-                                   ids[:, 1:].flatten())
+    return lambda: F.cross_entropy(
+        model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+    )
 
 
 def build_llama(overrides, dtype, device):
@@ -76,7 +93,9 @@ def build_llama(overrides, dtype, device):
 def peft_lora(model, rank, alpha, targets):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+    return get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    )
 
 
 # --------------------------------------------------------------------------------------- CPU
@@ -92,8 +111,15 @@ def lightning_step_times(module: L.LightningModule, batch: dict, steps: int) -> 
             times.append(time.perf_counter() - self.t0)
 
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    )
     trainer.fit(module, loader)
     return times
 
@@ -112,15 +138,22 @@ def cpu_llama(steps: int, warmup: int, batch: int, seq: int) -> None:
     _, base = build_llama(LLAMA_CPU, "float32", device)
     pm = peft_lora(base, 16, 32, ALL_LINEAR)
     runners.append(Runner("PEFT LoRA", pm, causal_loss(pm, ids), device))
-    print(f"\n## CPU: Llama {sum(p.numel() for p in full.parameters()) / 1e6:.1f}M params, batch {batch}x{seq}, "
-          f"LoRA r=16 on all 7 projections, fp32, {torch.get_num_threads()} threads")
+    print(
+        f"\n## CPU: Llama {sum(p.numel() for p in full.parameters()) / 1e6:.1f}M params, batch "
+        f"{batch}x{seq}, "
+        f"LoRA r=16 on all 7 projections, fp32, {torch.get_num_threads()} threads"
+    )
     interleave(runners, steps + warmup)
     report(runners, warmup, batch * seq, baseline="PEFT LoRA")
 
     # Lightning vs a plain loop, same module class and loss
     torch.manual_seed(0)
-    module = CausalLM(Backbone("tiny-llama", pretrained=False, config_overrides=LLAMA_CPU),
-                      LoRA(rank=16, alpha=32, targets=ALL_LINEAR), optimizer=torch.optim.AdamW, exact_match=False)
+    module = CausalLM(
+        Backbone("tiny-llama", pretrained=False, config_overrides=LLAMA_CPU),
+        LoRA(rank=16, alpha=32, targets=ALL_LINEAR),
+        optimizer=torch.optim.AdamW,
+        exact_match=False,
+    )
     module.configure_model()
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     plain = Runner("plain loop (CausalLM)", module, lambda: module._loss(b), device, lr=1e-3)
@@ -147,18 +180,27 @@ def cpu_minilm(steps: int, warmup: int, batch: int, seq: int) -> None:
     m = encoder()
     LoRA(rank=8, alpha=16, targets=["query", "value"]).apply(m)
     pm = peft_lora(encoder(), 8, 16, ["query", "value"])
-    runners = [Runner("full fine-tuning", full, enc_loss(full), device),
-               Runner("ftlab LoRA", m, enc_loss(m), device),
-               Runner("PEFT LoRA", pm, enc_loss(pm), device)]
+    runners = [
+        Runner("full fine-tuning", full, enc_loss(full), device),
+        Runner("ftlab LoRA", m, enc_loss(m), device),
+        Runner("PEFT LoRA", pm, enc_loss(pm), device),
+    ]
     print(f"\n## CPU: MiniLM-L6 (22.7M), batch {batch}x{seq}, LoRA r=8 on query,value, fp32")
     interleave(runners, steps + warmup)
     report(runners, warmup, batch * seq, baseline="PEFT LoRA")
 
-    module = SequenceClassifier(bb, LoRA(rank=8, alpha=16, targets=["query", "value"]), num_labels=2, pooling="mean")
+    module = SequenceClassifier(
+        bb, LoRA(rank=8, alpha=16, targets=["query", "value"]), num_labels=2, pooling="mean"
+    )
     module.configure_model()
     b = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,))}
-    plain = Runner("plain loop (SequenceClassifier)", module,
-                   lambda: F.cross_entropy(module(b["input_ids"], b["attention_mask"]), b["labels"]), device, lr=1e-3)
+    plain = Runner(
+        "plain loop (SequenceClassifier)",
+        module,
+        lambda: F.cross_entropy(module(b["input_ids"], b["attention_mask"]), b["labels"]),
+        device,
+        lr=1e-3,
+    )
     lightning_vs_plain(module, plain, b, steps, warmup)
 
 
@@ -171,7 +213,10 @@ def lightning_vs_plain(module, plain: Runner, batch: dict, steps: int, warmup: i
         light += lightning_step_times(module, batch, max(2, (steps + warmup) // 3))[1:]
     p = statistics.median(plain.times[1:])
     q = statistics.median(light)
-    print(f"  Lightning step {q * 1e3:8.1f} ms  vs plain loop {p * 1e3:8.1f} ms  ->  overhead {q / p:.3f}x (target <= 1.05x)")
+    print(
+        f"  Lightning step {q * 1e3:8.1f} ms  vs plain loop {p * 1e3:8.1f} ms  ->  overhead {q / p:.3f}x "
+        "(target <= 1.05x)"
+    )
 
 
 def interleave(runners: list[Runner], n: int) -> None:
@@ -184,13 +229,24 @@ def report(runners: list[Runner], warmup: int, tokens: int, baseline: str) -> No
     base = statistics.median(next(r for r in runners if r.name == baseline).times[warmup:])
     for r in runners:
         med = statistics.median(r.times[warmup:])
-        print(f"  {r.name:<18} median {med * 1e3:9.1f} ms  {tokens / med:10.0f} tok/s  "
-              f"trainable {r.trainable / 1e6:8.2f}M  step time vs {baseline}: {med / base:.3f}x")
+        print(
+            f"  {r.name:<18} median {med * 1e3:9.1f} ms  {tokens / med:10.0f} tok/s  "
+            f"trainable {r.trainable / 1e6:8.2f}M  step time vs {baseline}: {med / base:.3f}x"
+        )
 
 
 # --------------------------------------------------------------------------------------- GPU
-def device_run(name: str, build: Callable[[], torch.nn.Module], device: torch.device, batch: int, seq: int,
-               steps: int, warmup: int, vocab: int, fused: bool = False) -> dict:
+def device_run(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    device: torch.device,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    vocab: int,
+    fused: bool = False,
+) -> dict:
     """One configuration on ``device``: median step and peak memory (CUDA allocator; NaN on CPU)."""
     cuda = device.type == "cuda"
     gc.collect()
@@ -205,13 +261,20 @@ def device_run(name: str, build: Callable[[], torch.nn.Module], device: torch.de
         r.step()
     med = statistics.median(r.times[warmup:])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-    out = {"name": name, "tok_s": batch * seq / med, "peak_gib": peak, "step_ms": med * 1e3,
-           "trainable_m": r.trainable / 1e6}
+    out = {
+        "name": name,
+        "tok_s": batch * seq / med,
+        "peak_gib": peak,
+        "step_ms": med * 1e3,
+        "trainable_m": r.trainable / 1e6,
+    }
     del r, model
     return out
 
 
-def gpu(device: torch.device, steps: int, warmup: int, batch: int, seq: int, tiny: bool, compile_: bool) -> None:
+def gpu(
+    device: torch.device, steps: int, warmup: int, batch: int, seq: int, tiny: bool, compile_: bool
+) -> None:
     """The side-by-side table on the 1.1B Llama shape (``tiny``: a small one, to run this code on CPU)."""
     shape = dict(LLAMA_CPU, vocab_size=32000) if tiny else LLAMA_1B
     dtype = "float32" if device.type == "cpu" else "bfloat16"
@@ -238,19 +301,34 @@ def gpu(device: torch.device, steps: int, warmup: int, batch: int, seq: int, tin
     def peft():
         return peft_lora(full(), 16, 32, ALL_LINEAR)
 
-    print(f"\n## {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: Llama "
-          f"{'tiny' if tiny else '1.1B'} shape, {dtype}, SDPA, batch {batch}x{seq}, LoRA r=16 on all 7 projections, AdamW")
-    configs = [("full fine-tuning", full, False), ("PEFT LoRA", peft, False), ("ftlab LoRA", ftlab_lora, False),
-               ("ftlab LoRA, fused AdamW", ftlab_lora, True), ("ftlab LoRA + grad ckpt", ftlab_lora_gc, False)]
+    print(
+        f"\n## {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: Llama "
+        f"{'tiny' if tiny else '1.1B'} shape, {dtype}, SDPA, batch {batch}x{seq}, LoRA r=16 on all 7 "
+        "projections, AdamW"
+    )
+    configs = [
+        ("full fine-tuning", full, False),
+        ("PEFT LoRA", peft, False),
+        ("ftlab LoRA", ftlab_lora, False),
+        ("ftlab LoRA, fused AdamW", ftlab_lora, True),
+        ("ftlab LoRA + grad ckpt", ftlab_lora_gc, False),
+    ]
     if compile_:
         configs.append(("ftlab LoRA, compiled blocks", ftlab_lora_compiled, False))
-    rows = [device_run(n, f, device, batch, seq, steps, warmup, shape["vocab_size"], fused) for n, f, fused in configs]
+    rows = [
+        device_run(n, f, device, batch, seq, steps, warmup, shape["vocab_size"], fused)
+        for n, f, fused in configs
+    ]
     peft_row = next(r for r in rows if r["name"] == "PEFT LoRA")
     full_row = next(r for r in rows if r["name"] == "full fine-tuning")
     for r in rows:
-        print(f"  {r['name']:<28} {r['tok_s']:9.0f} tok/s  {r['peak_gib']:6.1f} GiB  step {r['step_ms']:7.1f} ms  "
-              f"trainable {r['trainable_m']:7.2f}M  vs PEFT: {r['tok_s'] / peft_row['tok_s']:.2f}x tok/s, "
-              f"{r['peak_gib'] / peft_row['peak_gib']:.2f}x memory; vs full: {r['tok_s'] / full_row['tok_s']:.2f}x tok/s")
+        print(
+            f"  {r['name']:<28} {r['tok_s']:9.0f} tok/s  {r['peak_gib']:6.1f} GiB  step "
+            f"{r['step_ms']:7.1f} ms  "
+            f"trainable {r['trainable_m']:7.2f}M  vs PEFT: {r['tok_s'] / peft_row['tok_s']:.2f}x tok/s, "
+            f"{r['peak_gib'] / peft_row['peak_gib']:.2f}x memory; vs full: "
+            f"{r['tok_s'] / full_row['tok_s']:.2f}x tok/s"
+        )
     print("  targets: ftlab LoRA >= 2x PEFT tok/s at <= 0.75x PEFT memory, and >= 1.15x full fine-tuning")
 
 

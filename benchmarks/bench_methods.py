@@ -72,7 +72,7 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     from ftlab.models.backbone import Backbone
-    from ftlab.peft import DoRA, LoRA, LongLoRA, QLoRA
+    from ftlab.peft import DoRA, LongLoRA, LoRA, QLoRA
     from ftlab.peft.qlora import linear_weight_bytes
 
     try:  # imported by QLoRA only: import it for every configuration so the baselines match
@@ -83,21 +83,34 @@ def worker(cfg: dict) -> dict:
     gc.collect()
     rss_imports = _status_kib("VmRSS") or 0
     torch.manual_seed(0)
-    overrides = dict(hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
-                     num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
-                     max_position_embeddings=max(cfg["seq"], 512))
-    model = Backbone("tiny-llama", pretrained=False, dtype=cfg["dtype"], config_overrides=overrides).load("causal_lm")
+    overrides = dict(
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+        max_position_embeddings=max(cfg["seq"], 512),
+    )
+    model = Backbone("tiny-llama", pretrained=False, dtype=cfg["dtype"], config_overrides=overrides).load(
+        "causal_lm"
+    )
     params = sum(p.numel() for p in model.parameters())
     method = {
         "lora": lambda: LoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"]),
-        "qlora": lambda: QLoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"],
-                               compute_dtype=cfg["dtype"]),
+        "qlora": lambda: QLoRA(
+            rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"], compute_dtype=cfg["dtype"]
+        ),
         "dora": lambda: DoRA(rank=cfg["rank"], alpha=2 * cfg["rank"], targets=["all-linear"]),
         "peft-dora": lambda: _PeftDoRA(cfg["rank"]),
         "peft-qlora": lambda: _PeftQLoRA(cfg["rank"], cfg["dtype"]),
         "full-attn": lambda: LoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        "s2-attn": lambda: LongLoRA(rank=cfg["rank"], targets=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                    group_size=cfg["group"], train_embeddings=False, train_norms=False),
+        "s2-attn": lambda: LongLoRA(
+            rank=cfg["rank"],
+            targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+            group_size=cfg["group"],
+            train_embeddings=False,
+            train_norms=False,
+        ),
     }[cfg["method"]]()
     model = method.apply(model) or model  # PEFT wraps the model; ftlab's methods work in place
     model.to(device).train()
@@ -134,9 +147,15 @@ def worker(cfg: dict) -> dict:
         peak_mib = ((_status_kib("VmHWM") or 0) - rss_imports) / 1024
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_imports) / 1024
-    return {"step_s": statistics.median(times), "peak_mib": peak_mib, "resident_mib": setup_mib,
-            "peak_kind": peak_kind, "params": params, "linear_weight_mib": weight_bytes / 2**20,
-            "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(times)}
+    return {
+        "step_s": statistics.median(times),
+        "peak_mib": peak_mib,
+        "resident_mib": setup_mib,
+        "peak_kind": peak_kind,
+        "params": params,
+        "linear_weight_mib": weight_bytes / 2**20,
+        "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(times),
+    }
 
 
 class _PeftDoRA:
@@ -148,8 +167,10 @@ class _PeftDoRA:
     def apply(self, model):
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear",
-                                                use_dora=True))
+        return get_peft_model(
+            model,
+            LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear", use_dora=True),
+        )
 
 
 class _PeftQLoRA:
@@ -166,14 +187,21 @@ class _PeftQLoRA:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=getattr(torch, self.dtype))
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, self.dtype),
+        )
         place = {"device_map": {"": 0}} if torch.cuda.is_available() else {}
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=getattr(torch, self.dtype),
-                                                         **place)
-        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear"))
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=config, dtype=getattr(torch, self.dtype), **place
+            )
+        return get_peft_model(
+            model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules="all-linear")
+        )
 
 
 def pissa_init_time(cfg: dict, repeats: int = 3) -> None:
@@ -184,8 +212,13 @@ def pissa_init_time(cfg: dict, repeats: int = 3) -> None:
     from ftlab.peft import LoRA
 
     torch.set_num_threads(cfg["threads"])
-    overrides = dict(hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
-                     num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"])
+    overrides = dict(
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+    )
     seconds = {}
     for init in ("kaiming", "pissa", "olora"):
         times = []
@@ -196,18 +229,28 @@ def pissa_init_time(cfg: dict, repeats: int = 3) -> None:
             times.append(time.perf_counter() - t0)
         seconds[init] = statistics.median(times)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\nLoRA initialisation on {params:.1f}M params, r={cfg['rank']}, all linear layers, median of {repeats}:")
+    print(
+        f"\nLoRA initialisation on {params:.1f}M params, r={cfg['rank']}, all linear layers, median of "
+        f"{repeats}:"
+    )
     for init, s in seconds.items():
         print(f"  {init:<8} {s:8.3f} s  ({s / seconds['kaiming']:.1f}x kaiming)")
 
 
 # ------------------------------------------------------------------------------------ driver
 def run(cfg: dict, pin_malloc: bool = False) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(cfg["threads"]),
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     if pin_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    proc = subprocess.run([sys.executable, HERE, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, HERE, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{cfg['method']} failed:\n{proc.stderr[-3000:]}")
@@ -232,27 +275,38 @@ def compare(common: dict, shape: dict, methods: tuple[str, ...], repeats: int) -
 
 def table(title: str, rows: dict[str, dict], base: str) -> None:
     print(f"\n{title}")
-    print(f"  {'config':<10} {'step s (median)':>16} {'tokens/s':>10} {'peak MiB':>10} {'resident MiB':>13} "
-          f"{'linear W MiB':>13}")
+    print(
+        f"  {'config':<10} {'step s (median)':>16} {'tokens/s':>10} {'peak MiB':>10} {'resident MiB':>13} "
+        f"{'linear W MiB':>13}"
+    )
     for name, r in rows.items():
-        print(f"  {name:<10} {r['step_s']:>16.3f} {r['tokens_per_s']:>10.0f} {r['peak_mib']:>10.0f} "
-              f"{r['resident_mib']:>13.0f} {r['linear_weight_mib']:>13.1f}")
+        print(
+            f"  {name:<10} {r['step_s']:>16.3f} {r['tokens_per_s']:>10.0f} {r['peak_mib']:>10.0f} "
+            f"{r['resident_mib']:>13.0f} {r['linear_weight_mib']:>13.1f}"
+        )
     a = rows[base]
     for other, b in rows.items():
         if other != base:
-            print(f"  {other}/{base}: step time {b['step_s'] / a['step_s']:.2f}x, peak memory "
-                  f"{b['peak_mib'] / a['peak_mib']:.2f}x, linear weights {b['linear_weight_mib'] / a['linear_weight_mib']:.2f}x"
-                  f"   (peak = {a['peak_kind']})")
+            print(
+                f"  {other}/{base}: step time {b['step_s'] / a['step_s']:.2f}x, peak memory "
+                f"{b['peak_mib'] / a['peak_mib']:.2f}x, linear weights "
+                f"{b['linear_weight_mib'] / a['linear_weight_mib']:.2f}x"
+                f"   (peak = {a['peak_kind']})"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on CPU, bf16 on CUDA"
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="alternate timing runs per configuration (fastest kept)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="alternate timing runs per configuration (fastest kept)"
+    )
     p.add_argument("--rank", type=int, default=16)
     # LoRA vs QLoRA: ~27M parameters (hidden 512, 8 blocks)
     p.add_argument("--hidden", type=int, default=512)
@@ -266,33 +320,67 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-layers", type=int, default=2)
     p.add_argument("--long-seq", type=int, default=4096)
     p.add_argument("--group", type=int, default=1024, help="S²-Attn group size (paper: 1/4 of the sequence)")
-    p.add_argument("--only", choices=["quant", "dora", "attn", "pissa"], default=None, help="run one comparison")
+    p.add_argument(
+        "--only", choices=["quant", "dora", "attn", "pissa"], default=None, help="run one comparison"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    common = dict(device=args.device, threads=args.threads, dtype=dtype, steps=args.steps, warmup=args.warmup,
-                  rank=args.rank, group=args.group)
-    print(f"device={args.device} threads={args.threads} dtype={dtype} steps={args.steps} (+{args.warmup} warm-up)")
-    shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                 batch=args.batch, seq=args.seq)
-    for only, others, title in (("quant", ("qlora", "peft-qlora"), "QLoRA (ftlab, PEFT)"),
-                                ("dora", ("dora", "peft-dora"), "DoRA (ftlab, PEFT)")):
+    common = dict(
+        device=args.device,
+        threads=args.threads,
+        dtype=dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        rank=args.rank,
+        group=args.group,
+    )
+    print(
+        f"device={args.device} threads={args.threads} dtype={dtype} steps={args.steps} (+{args.warmup} "
+        "warm-up)"
+    )
+    shape = dict(
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        layers=args.layers,
+        heads=args.heads,
+        batch=args.batch,
+        seq=args.seq,
+    )
+    for only, others, title in (
+        ("quant", ("qlora", "peft-qlora"), "QLoRA (ftlab, PEFT)"),
+        ("dora", ("dora", "peft-dora"), "DoRA (ftlab, PEFT)"),
+    ):
         if args.only in (None, only):
             rows = compare(common, shape, ("lora", *others), args.repeats)
-            table(f"LoRA vs {title} (r={args.rank}, all linear layers; {rows['lora']['params'] / 1e6:.1f}M params, "
-                  f"batch {args.batch} x {args.seq})", rows, "lora")
+            table(
+                f"LoRA vs {title} (r={args.rank}, all linear layers; {rows['lora']['params'] / 1e6:.1f}M "
+                "params, "
+                f"batch {args.batch} x {args.seq})",
+                rows,
+                "lora",
+            )
     if args.only in (None, "pissa"):
         pissa_init_time({**common, **shape})
     if args.only in (None, "attn"):
-        shape = dict(hidden=args.long_hidden, intermediate=3 * args.long_hidden, layers=args.long_layers, heads=4,
-                     batch=1, seq=args.long_seq)
+        shape = dict(
+            hidden=args.long_hidden,
+            intermediate=3 * args.long_hidden,
+            layers=args.long_layers,
+            heads=4,
+            batch=1,
+            seq=args.long_seq,
+        )
         rows = compare(common, shape, ("full-attn", "s2-attn"), args.repeats)
-        table(f"S²-Attn (group {args.group}) vs full causal attention (SDPA), LoRA r={args.rank} on q,k,v,o; "
-              f"{rows['full-attn']['params'] / 1e6:.1f}M params, 1 x {args.long_seq} tokens",
-              rows, "full-attn")
+        table(
+            f"S²-Attn (group {args.group}) vs full causal attention (SDPA), LoRA r={args.rank} on q,k,v,o; "
+            f"{rows['full-attn']['params'] / 1e6:.1f}M params, 1 x {args.long_seq} tokens",
+            rows,
+            "full-attn",
+        )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,15 @@ def _reset_peak() -> None:
 
 
 def _llama(hidden: int, layers: int, **extra) -> dict:
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-                max_position_embeddings=4096, **extra)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=4096,
+        **extra,
+    )
 
 
 def _sync(device) -> None:
@@ -89,16 +95,25 @@ def packing(args) -> None:
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     data = {}
     for name, packed, batch in (("padded", False, args.padded_batch), ("packed", True, args.rows)):
-        dm = InstructionData(source=str(args.alpaca), max_length=args.max_length, batch_size=batch,
-                             packing=packed, val_fraction=0.0)
+        dm = InstructionData(
+            source=str(args.alpaca),
+            max_length=args.max_length,
+            batch_size=batch,
+            packing=packed,
+            val_fraction=0.0,
+        )
         dm.setup("fit")
         data[name] = iter(dm.train_dataloader())
         if packed:
             print(f"packed rows: {100 * efficiency(dm.splits['train'], args.max_length):.1f}% real tokens")
     torch.manual_seed(0)
-    model = CausalLM(Backbone("tiny-llama", pretrained=False, dtype=dtype,
-                              config_overrides=_llama(args.hidden, args.layers)),
-                     LoRA(rank=16, alpha=32, targets=["all-linear"]), exact_match=False)
+    model = CausalLM(
+        Backbone(
+            "tiny-llama", pretrained=False, dtype=dtype, config_overrides=_llama(args.hidden, args.layers)
+        ),
+        LoRA(rank=16, alpha=32, targets=["all-linear"]),
+        exact_match=False,
+    )
     model.configure_model()
     model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
@@ -122,17 +137,21 @@ def packing(args) -> None:
             result = step(next(data[name]))
             if i >= args.warmup:
                 runs[name].append(result)
-    print(f"\n## Packing: Alpaca 5k lengths, max_length {args.max_length}, tiny-llama {params / 1e6:.1f}M "
-          f"params, LoRA r=16 all linear, {device.type} {dtype}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps each")
+    print(
+        f"\n## Packing: Alpaca 5k lengths, max_length {args.max_length}, tiny-llama {params / 1e6:.1f}M "
+        f"params, LoRA r=16 all linear, {device.type} {dtype}, {torch.get_num_threads()} threads, "
+        f"{args.steps} steps each"
+    )
     rate = {}
     for name, rows in runs.items():
         tokens, seconds = sum(r[0] for r in rows), sum(r[1] for r in rows)
         rate[name] = tokens / seconds
         median = statistics.median(r[0] / r[1] for r in rows)
         fill = statistics.median(r[2] for r in rows)
-        print(f"  {name:<7} {rate[name]:9.0f} real tokens/s (median step {median:9.0f})  real/row tokens "
-              f"{fill:.2f}  ({len(rows)} steps, {tokens} tokens, {seconds:.1f} s)")
+        print(
+            f"  {name:<7} {rate[name]:9.0f} real tokens/s (median step {median:9.0f})  real/row tokens "
+            f"{fill:.2f}  ({len(rows)} steps, {tokens} tokens, {seconds:.1f} s)"
+        )
     print(f"  packed / padded: {rate['packed'] / rate['padded']:.2f}x real tokens/s (target >= 1.5x)")
 
 
@@ -167,8 +186,12 @@ def chunked_worker(cfg: dict) -> dict:
         torch.manual_seed(0)
         overrides = _llama(cfg["hidden"], cfg["layers"], vocab_size=cfg["vocab"])
         backbone = Backbone("tiny-llama", pretrained=False, dtype=cfg["dtype"], config_overrides=overrides)
-        module = CausalLM(backbone, LoRA(rank=16, targets=["q_proj", "v_proj"]), exact_match=False,
-                          chunked_loss=cfg["mode"] == "chunked")
+        module = CausalLM(
+            backbone,
+            LoRA(rank=16, targets=["q_proj", "v_proj"]),
+            exact_match=False,
+            chunked_loss=cfg["mode"] == "chunked",
+        )
         module.configure_model()
         module.to(device).train()
         opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
@@ -202,8 +225,12 @@ def chunked_worker(cfg: dict) -> dict:
 
 
 def _subprocess(kind: str, cfg: dict, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, HERE, "--worker", kind, json.dumps(cfg)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, HERE, "--worker", kind, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{kind} worker failed ({cfg}):\n{proc.stderr[-3000:]}")
@@ -212,30 +239,44 @@ def _subprocess(kind: str, cfg: dict, env: dict | None = None) -> dict:
 
 def chunked(args) -> None:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    common = dict(device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab,
-                  steps=args.chunk_steps)
-    parts = {"loss": dict(hidden=args.hidden, batch=args.batch, seq=args.seq, layers=0),
-             "step": dict(hidden=args.chunk_hidden, batch=args.batch, seq=args.seq, layers=args.chunk_layers)}
-    print(f"\n## Chunked cross-entropy: vocabulary {args.vocab}, batch {args.batch} x {args.seq} "
-          f"({3 * args.seq // 4} labelled positions per row), {args.device} {dtype}, {args.threads} threads")
+    common = dict(
+        device=args.device, dtype=dtype, threads=args.threads, vocab=args.vocab, steps=args.chunk_steps
+    )
+    parts = {
+        "loss": dict(hidden=args.hidden, batch=args.batch, seq=args.seq, layers=0),
+        "step": dict(hidden=args.chunk_hidden, batch=args.batch, seq=args.seq, layers=args.chunk_layers),
+    }
+    print(
+        f"\n## Chunked cross-entropy: vocabulary {args.vocab}, batch {args.batch} x {args.seq} "
+        f"({3 * args.seq // 4} labelled positions per row), {args.device} {dtype}, {args.threads} threads"
+    )
     for part, shape in parts.items():
         cfg = {**common, **shape, "part": part}
         pin = PIN_MALLOC if args.device == "cpu" else None
-        mem = {m: _subprocess("chunked", {**cfg, "mode": m, "measure": "memory"}, pin)["peak_mib"]
-               for m in ("plain", "chunked")}
+        mem = {
+            m: _subprocess("chunked", {**cfg, "mode": m, "measure": "memory"}, pin)["peak_mib"]
+            for m in ("plain", "chunked")
+        }
         times: dict[str, list[float]] = {"plain": [], "chunked": []}
         for r in range(args.repeats):
             for m in ("plain", "chunked") if r % 2 == 0 else ("chunked", "plain"):
                 times[m].append(_subprocess("chunked", {**cfg, "mode": m, "measure": "time"})["step_s"])
         t = {m: statistics.median(v) for m, v in times.items()}
-        what = (f"head + loss + backward, hidden {args.hidden}" if part == "loss" else
-                f"LoRA step, tiny-llama hidden {args.chunk_hidden} x {args.chunk_layers} layers")
+        what = (
+            f"head + loss + backward, hidden {args.hidden}"
+            if part == "loss"
+            else f"LoRA step, tiny-llama hidden {args.chunk_hidden} x {args.chunk_layers} layers"
+        )
         print(f"  {part} ({what}):")
         for m in ("plain", "chunked"):
-            print(f"    {m:<8} peak {mem[m]:9.1f} MiB   time {t[m]:7.3f} s  (median of {args.repeats}: "
-                  f"{', '.join(f'{x:.3f}' for x in times[m])})")
-        print(f"    chunked / plain: peak memory {mem['chunked'] / mem['plain']:.2f}x (target <= 0.5x), "
-              f"time {t['chunked'] / t['plain']:.2f}x (target <= 1.1x)")
+            print(
+                f"    {m:<8} peak {mem[m]:9.1f} MiB   time {t[m]:7.3f} s  (median of {args.repeats}: "
+                f"{', '.join(f'{x:.3f}' for x in times[m])})"
+            )
+        print(
+            f"    chunked / plain: peak memory {mem['chunked'] / mem['plain']:.2f}x (target <= 0.5x), "
+            f"time {t['chunked'] / t['plain']:.2f}x (target <= 1.1x)"
+        )
 
 
 # ----------------------------------------------------------------------------------- fsdp
@@ -254,8 +295,9 @@ def fsdp_worker(cfg: dict) -> dict:
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),),
-                            mesh_dim_names=("data_parallel",))
+    mesh = init_device_mesh(
+        "cuda" if cuda else "cpu", (dist.get_world_size(),), mesh_dim_names=("data_parallel",)
+    )
     if cfg["mode"] == "whole":  # ftlab before issue 14: every rank loads the whole checkpoint, then shards
         Backbone._build_empty = lambda self, *args: None
     base = _status_kib("VmRSS")
@@ -270,17 +312,37 @@ def fsdp_worker(cfg: dict) -> dict:
     with torch.no_grad():
         loss = float(module._loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}))
     dist.destroy_process_group()
-    return {"rank": rank, "imports_mib": base / 1024, "peak_mib": peak / 1024, "after_mib": after / 1024,
-            "loss": loss}
+    return {
+        "rank": rank,
+        "imports_mib": base / 1024,
+        "peak_mib": peak / 1024,
+        "after_mib": after / 1024,
+        "loss": loss,
+    }
 
 
 def _fsdp_run(cfg: dict, port: int) -> list[dict]:
     procs = []
     for rank in range(2):
-        env = {**os.environ, **PIN_MALLOC, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([sys.executable, HERE, "--worker", "fsdp", json.dumps(cfg)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            **PIN_MALLOC,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHONPATH": str(ROOT),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, HERE, "--worker", "fsdp", json.dumps(cfg)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     out = []
     for p in procs:
         stdout, stderr = p.communicate()
@@ -314,18 +376,24 @@ def fsdp(args) -> None:
     for r in range(args.repeats):
         for mode in ("whole", "sharded") if r % 2 == 0 else ("sharded", "whole"):
             runs[mode] += _fsdp_run({**cfg, "mode": mode}, 29500 + 2 * r + (mode == "sharded"))
-    print(f"\n## FSDP2 loading: checkpoint {size:.0f} MiB (fp32, hidden {args.fsdp_hidden} x "
-          f"{args.fsdp_layers} layers), 2 ranks ({'nccl' if device == 'cuda' else 'gloo'}), {args.repeats} "
-          "runs each, per rank:")
+    print(
+        f"\n## FSDP2 loading: checkpoint {size:.0f} MiB (fp32, hidden {args.fsdp_hidden} x "
+        f"{args.fsdp_layers} layers), 2 ranks ({'nccl' if device == 'cuda' else 'gloo'}), {args.repeats} "
+        "runs each, per rank:"
+    )
     peak, over = {}, {}
     for mode, rows in runs.items():
         peak[mode] = statistics.median(r["peak_mib"] for r in rows)
         over[mode] = statistics.median(r["peak_mib"] - r["imports_mib"] for r in rows)
         losses = sorted({round(r["loss"], 5) for r in rows})
-        print(f"  {mode:<8} peak RSS {peak[mode]:7.0f} MiB, above imports {over[mode]:7.0f} MiB, after load "
-              f"{statistics.median(r['after_mib'] for r in rows):7.0f} MiB; loss on one batch {losses}")
-    print(f"  sharded / whole: peak RSS {peak['sharded'] / peak['whole']:.2f}x (target <= 0.6x), "
-          f"above imports {over['sharded'] / over['whole']:.2f}x")
+        print(
+            f"  {mode:<8} peak RSS {peak[mode]:7.0f} MiB, above imports {over[mode]:7.0f} MiB, after load "
+            f"{statistics.median(r['after_mib'] for r in rows):7.0f} MiB; loss on one batch {losses}"
+        )
+    print(
+        f"  sharded / whole: peak RSS {peak['sharded'] / peak['whole']:.2f}x (target <= 0.6x), "
+        f"above imports {over['sharded'] / over['whole']:.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,9 +37,17 @@ def parameter_table(module: torch.nn.Module) -> tuple[str, dict[str, float]]:
     lines = [f"{'trainable tensor':<{width}}  {'params':>12}", "-" * (width + 14)]
     lines += [f"{k:<{width}}  {v:>12,}" for k, v in groups.items()]
     pct = 100.0 * trainable / max(total, 1)
-    lines += ["-" * (width + 14), f"{'trainable':<{width}}  {trainable:>12,}", f"{'total':<{width}}  {total:>12,}",
-              f"{'trainable %':<{width}}  {pct:>12.4f}"]
-    return "\n".join(lines), {"params/trainable": trainable, "params/total": total, "params/trainable_pct": pct}
+    lines += [
+        "-" * (width + 14),
+        f"{'trainable':<{width}}  {trainable:>12,}",
+        f"{'total':<{width}}  {total:>12,}",
+        f"{'trainable %':<{width}}  {pct:>12.4f}",
+    ]
+    return "\n".join(lines), {
+        "params/trainable": trainable,
+        "params/total": total,
+        "params/trainable_pct": pct,
+    }
 
 
 class ParameterTable(L.Callback):
@@ -94,9 +102,13 @@ class Throughput(L.Callback):
         self.tokens_per_s.append(tokens / dt)
         if self._steps % self.every == 0:
             pl_module.log_dict(
-                {"perf/step_s": dt, "perf/tokens_per_s": tokens / dt,
-                 "perf/peak_mem_gib": peak_memory_gib(pl_module.device)},
-                on_step=True, on_epoch=False,
+                {
+                    "perf/step_s": dt,
+                    "perf/tokens_per_s": tokens / dt,
+                    "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
+                },
+                on_step=True,
+                on_epoch=False,
             )
 
 
@@ -194,7 +206,11 @@ def first_non_finite(module: torch.nn.Module) -> str | None:
 
     One device sync for all tensors: each ``isfinite().all()`` stays on the device until stacked.
     """
-    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in module.named_parameters() if p.requires_grad]
+    named = [
+        (n, p.to_local() if hasattr(p, "to_local") else p)
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    ]
     named = [(n, p) for n, p in named if p.numel()]
     if not named:
         return None
@@ -211,14 +227,17 @@ class StopOnNonFinite(L.Callback):
     overflows, the loss of that step is still finite.
     """
 
-    HINT = ("Checkpoints already on disk were left as they were. Try a lower learning rate, "
-            "gradient clipping (--trainer.gradient_clip_val 1.0) or float32.")
+    HINT = (
+        "Checkpoints already on disk were left as they were. Try a lower learning rate, "
+        "gradient clipping (--trainer.gradient_clip_val 1.0) or float32."
+    )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at step {trainer.global_step} (batch {batch_idx}); stopped. {self.HINT}"
+                f"train/loss is {loss.item()} at step {trainer.global_step} (batch {batch_idx}); stopped. "
+                f"{self.HINT}"
             )
         self._check_weights(trainer, pl_module, f"after step {trainer.global_step}")
 
@@ -230,8 +249,8 @@ class StopOnNonFinite(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bad is None, all=True):
             return
         raise NonFiniteLossError(
-            f"trainable weights hold NaN/inf {when} ({bad or 'on another rank'}); stopped before writing them. "
-            + self.HINT
+            f"trainable weights hold NaN/inf {when} ({bad or 'on another rank'}); stopped before writing "
+            "them. " + self.HINT
         )
 
 
@@ -264,8 +283,11 @@ class CheckMonitors(L.Callback):
             monitor = getattr(callback, "monitor", None)
             if isinstance(monitor, str) and monitor not in logged:
                 near = difflib.get_close_matches(monitor, logged, n=1)
-                return (f"{type(callback).__name__}(monitor={monitor!r}): no metric of that name is logged"
-                        + (f" (did you mean {near[0]!r}?)" if near else "") + f"; logged: {', '.join(logged) or 'none'}")
+                return (
+                    f"{type(callback).__name__}(monitor={monitor!r}): no metric of that name is logged"
+                    + (f" (did you mean {near[0]!r}?)" if near else "")
+                    + f"; logged: {', '.join(logged) or 'none'}"
+                )
         return None
 
 
@@ -289,7 +311,12 @@ class ProgressLog(L.Callback):
         return trainer.is_global_zero and (self.interactive or not sys.stdout.isatty())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._last, self._tokens, self._first_step = time.perf_counter(), 0.0, 0, trainer.global_step
+        self._start, self._last, self._tokens, self._first_step = (
+            time.perf_counter(),
+            0.0,
+            0,
+            trainer.global_step,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None

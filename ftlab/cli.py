@@ -37,17 +37,20 @@ def _help() -> str:
     rows = {**LIGHTNING_COMMANDS, **{name: text for name, (_, text) in EXTRA_COMMANDS.items()}}
     width = max(map(len, rows))
     lines = [f"  {name:<{width}}  {text}" for name, text in rows.items()]
-    return "\n".join([
-        f"usage: ftlab {{{','.join(rows)}}} ...",
-        "",
-        "ftlab: fine-tuning as method x objective x data, from one YAML.",
-        "",
-        "commands:",
-        *lines,
-        "",
-        "Each command has its own --help (e.g. `ftlab fit --help`); `ftlab fit --config configs/lora.yaml` "
-        "runs the embedded default.",
-    ])
+    return "\n".join(
+        [
+            f"usage: ftlab {{{','.join(rows)}}} ...",
+            "",
+            "ftlab: fine-tuning as method x objective x data, from one YAML.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "Each command has its own --help (e.g. `ftlab fit --help`); `ftlab fit --config "
+            "configs/lora.yaml` "
+            "runs the embedded default.",
+        ]
+    )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -79,10 +82,18 @@ def _subcommand_help(command: str, args: list[str] | None) -> str:
     from pathlib import Path
 
     package = Path(_PACKAGE)
-    stamps = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
+    stamps = sorted(
+        (str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py")
+    )
     versions = [version(name) for name in ("lightning", "jsonargparse", "torch", "transformers")]
-    key = hashlib.sha1(repr((command, stamps, versions, shutil.get_terminal_size().columns)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftlab" / f"help-{command}-{key}.txt"
+    key = hashlib.sha1(
+        repr((command, stamps, versions, shutil.get_terminal_size().columns)).encode()
+    ).hexdigest()[:16]
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "ftlab"
+        / f"help-{command}-{key}.txt"
+    )
     if cache.exists():
         return cache.read_text()
     from ftlab.lightning_cli import run

@@ -32,7 +32,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             if len(module) > len(best):
                 best = list(module)
     if not best:
-        raise ValueError("FSDP sharding found no transformer blocks (a ModuleList named layers/h/layer/blocks)")
+        raise ValueError(
+            "FSDP sharding found no transformer blocks (a ModuleList named layers/h/layer/blocks)"
+        )
     return best
 
 
@@ -84,6 +86,12 @@ class ModelParallelStrategy(_LightningModelParallel):
         for i, optimizer in enumerate(self.optimizers):
             optim_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
             load(optim_state, checkpoint_id=path)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
-                                     options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
+            set_optimizer_state_dict(
+                self.model,
+                optimizer,
+                optim_state_dict=optim_state[f"optimizer_{i}"],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        return torch.load(
+            path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only
+        )

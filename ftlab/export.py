@@ -8,8 +8,9 @@ named in the adapter file). The adapter is applied to a fresh base exactly as in
 folded in by the method's own ``merge_and_unload`` (LoRA: ``W0 + s·B A``; QLoRA:
 ``dequant(Q(W0)) + s·B A``, kept dense; DoRA, IA³: their merged weights; Full: the saved tensors
 are the weights), and the model and its tokenizer are written with ``save_pretrained``. A method
-that cannot be folded (prompt, prefix, bottleneck adapters) is one clear error. ``AutoModelForCausalLM.from_pretrained(out)`` then gives the adapted model's
-logits (for QLoRA those of the 4-bit model, which the adapter was trained against).
+that cannot be folded (prompt, prefix, bottleneck adapters) is one clear error.
+``AutoModelForCausalLM.from_pretrained(out)`` then gives the adapted model's logits (for QLoRA
+those of the 4-bit model, which the adapter was trained against).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def check_out(out: Path, adapter: Path, overwrite: bool) -> None:
     if out.is_file():
         raise ExportError(f"--out {out} is a file; give a folder for the exported model")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
-        raise ExportError(f"--out {out} is a folder with other files in it (not an earlier export); choose an empty "
-                          "or new folder, or pass --overwrite to replace it")
+        raise ExportError(
+            f"--out {out} is a folder with other files in it (not an earlier export); choose an empty "
+            "or new folder, or pass --overwrite to replace it"
+        )
 
 
 def model_kind(objective: str, adapter: Path) -> str:
@@ -78,13 +81,19 @@ def model_kind(objective: str, adapter: Path) -> str:
     cls = getattr(importlib.import_module(module), name, None) if module.startswith("ftlab.") else None
     kind = getattr(cls, "export_kind", None)
     if kind is None:
-        raise ExportError(f"{adapter} was trained by {objective}, which has no plain-model form to export "
-                          "(export writes the models of CausalLM and Seq2SeqLM adapters)")
+        raise ExportError(
+            f"{adapter} was trained by {objective}, which has no plain-model form to export "
+            "(export writes the models of CausalLM and Seq2SeqLM adapters)"
+        )
     return kind
 
 
 def export(
-    adapter: str | Path, out: str | Path, backbone=None, dtype: str | None = None, overwrite: bool = False,
+    adapter: str | Path,
+    out: str | Path,
+    backbone=None,
+    dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``backbone`` + ``adapter`` merged to ``out`` (model and tokenizer); returns ``out``.
 
@@ -114,7 +123,8 @@ def export(
         backbone = Backbone(name_or_path=name)
     if _random_init(backbone):
         raise ExportError(
-            f"backbone {backbone.name_or_path!r} is randomly initialised (pretrained: false or config_overrides): "
+            f"backbone {backbone.name_or_path!r} is randomly initialised (pretrained: false or "
+            "config_overrides): "
             "its weights cannot be rebuilt, so the export would not match the trained model"
         )
     model = backbone.load(kind)
@@ -123,7 +133,9 @@ def export(
     else:
         method, extra = io.load_adapter(adapter, model, backbone.fingerprint(model))
         if extra:
-            raise ExportError(f"{adapter} holds objective heads ({', '.join(sorted(extra))[:80]}): not a causal LM adapter")
+            raise ExportError(
+                f"{adapter} holds objective heads ({', '.join(sorted(extra))[:80]}): not a causal LM adapter"
+            )
     merge_into_base(model, method)
     model.eval()
     if dtype:
@@ -131,15 +143,17 @@ def export(
     with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         backbone.tokenizer().save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps(
-            {"adapter": str(adapter), "base": backbone.name_or_path, "dtype": dtype}, indent=2))
+        (tmp / MARKER).write_text(
+            json.dumps({"adapter": str(adapter), "base": backbone.name_or_path, "dtype": dtype}, indent=2)
+        )
     log.info("exported %s merged into %s to %s", adapter, backbone.name_or_path, out)
     return Path(out)
 
 
 def _random_init(backbone) -> bool:
     preset_random = backbone.name_or_path == "tiny-gpt2" or (
-        backbone.name_or_path == "tiny-llama" and bool(backbone.config_overrides))
+        backbone.name_or_path == "tiny-llama" and bool(backbone.config_overrides)
+    )
     return not backbone.pretrained or preset_random
 
 
@@ -148,14 +162,28 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="ftlab export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=str | None, default=None,
-                        help="Run YAML whose model.init_args.backbone is the base (default: the adapter's base).")
-    parser.add_argument("--adapter", type=str, required=True, help="Adapter directory (ftlab or PEFT format).")
+    parser.add_argument(
+        "--config",
+        type=str | None,
+        default=None,
+        help="Run YAML whose model.init_args.backbone is the base (default: the adapter's base).",
+    )
+    parser.add_argument(
+        "--adapter", type=str, required=True, help="Adapter directory (ftlab or PEFT format)."
+    )
     parser.add_argument("--out", type=str, required=True, help="Output directory for save_pretrained.")
-    parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"] | None, default=None,
-                        help="Dtype of the written weights (default: the base's).")
-    parser.add_argument("--overwrite", type=bool, default=False,
-                        help="Replace --out even if it holds files that are not an earlier export.")
+    parser.add_argument(
+        "--dtype",
+        type=Literal["float32", "bfloat16", "float16"] | None,
+        default=None,
+        help="Dtype of the written weights (default: the base's).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="Replace --out even if it holds files that are not an earlier export.",
+    )
     args = parser.parse_args(argv)
     backbone = backbone_from_config(args.config) if args.config else None
     path = export(args.adapter, args.out, backbone, args.dtype, args.overwrite)

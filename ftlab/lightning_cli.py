@@ -29,8 +29,16 @@ import ftlab.objectives  # noqa: F401
 import ftlab.optim  # noqa: F401
 import ftlab.peft  # noqa: F401
 from ftlab.callbacks import (
-    CheckMonitors, ParameterTable, ProgressLog, RestoreRNG, RunDirectory, RunSummary, SaveAdapter,
-    StopOnNonFinite, Throughput, WritePredictions,
+    CheckMonitors,
+    ParameterTable,
+    ProgressLog,
+    RestoreRNG,
+    RunDirectory,
+    RunSummary,
+    SaveAdapter,
+    StopOnNonFinite,
+    Throughput,
+    WritePredictions,
 )
 from ftlab.objectives._base import Objective
 from ftlab.runs import LogConfig, check_strategy, name_wandb_runs
@@ -39,8 +47,16 @@ log = logging.getLogger("ftlab")
 
 #: Added to every run that does not configure them itself; they run before checkpoint callbacks.
 DEFAULT_CALLBACKS = (
-    RunDirectory, ParameterTable, Throughput, ProgressLog, StopOnNonFinite, CheckMonitors, RestoreRNG,
-    SaveAdapter, RunSummary, WritePredictions,
+    RunDirectory,
+    ParameterTable,
+    Throughput,
+    ProgressLog,
+    StopOnNonFinite,
+    CheckMonitors,
+    RestoreRNG,
+    SaveAdapter,
+    RunSummary,
+    WritePredictions,
 )
 
 
@@ -94,8 +110,10 @@ class FtlabCLI(LightningCLI):
         found = find_last_checkpoint(self.trainer)
         if found is None:
             raise FileNotFoundError(
-                f"--ckpt_path last: no last checkpoint under {run_root(self.trainer)} (nor in any ModelCheckpoint "
-                "dirpath); a ModelCheckpoint with save_last: true writes one (README: Checkpoints and resuming)"
+                f"--ckpt_path last: no last checkpoint under {run_root(self.trainer)} (nor in any "
+                "ModelCheckpoint "
+                "dirpath); a ModelCheckpoint with save_last: true writes one (README: Checkpoints and "
+                "resuming)"
             )
         log.info("resuming from %s", found)
         config["ckpt_path"] = str(found)
@@ -109,8 +127,13 @@ def default_loggers(root: str | Path) -> list:
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(WandbLogger(project=os.environ.get("WANDB_PROJECT", "ftlab"), save_dir=str(root),
-                                   offline=mode not in ("online", "run")))
+        loggers.append(
+            WandbLogger(
+                project=os.environ.get("WANDB_PROJECT", "ftlab"),
+                save_dir=str(root),
+                offline=mode not in ("online", "run"),
+            )
+        )
     return loggers
 
 
@@ -138,18 +161,28 @@ def check_ckpt_path(ckpt: str | None) -> None:
         raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (or use --ckpt_path last)")
     if path.is_dir():
         if (path / "adapter.json").exists() or (path / "adapter_config.json").exists():
-            raise ValueError(f"--ckpt_path {ckpt} is an adapter folder, not a training checkpoint; to start "
-                             f"from the adapter use --model.init_args.adapter {ckpt}")
+            raise ValueError(
+                f"--ckpt_path {ckpt} is an adapter folder, not a training checkpoint; to start "
+                f"from the adapter use --model.init_args.adapter {ckpt}"
+            )
         if not (path / ".metadata").exists():
-            raise ValueError(f"--ckpt_path {ckpt} is a folder but not a sharded checkpoint (no .metadata); "
-                             "give a .ckpt file")
+            raise ValueError(
+                f"--ckpt_path {ckpt} is a folder but not a sharded checkpoint (no .metadata); "
+                "give a .ckpt file"
+            )
 
 
 def run(args: list[str] | None = None) -> None:
     """``ftlab fit|validate|test|predict ...``."""
     FtlabCLI(
-        Objective, subclass_mode_model=True, subclass_mode_data=True, args=args,
-        parser_kwargs={"prog": "ftlab", "description": "ftlab: method x objective x data, from one YAML. Lightning's fit, "
-                       "validate, test, predict below; also `ftlab export`, `ftlab data` and `ftlab sweep` "
-                       "(each with --help)."},
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        parser_kwargs={
+            "prog": "ftlab",
+            "description": "ftlab: method x objective x data, from one YAML. Lightning's fit, "
+            "validate, test, predict below; also `ftlab export`, `ftlab data` and `ftlab sweep` "
+            "(each with --help).",
+        },
     )

@@ -31,14 +31,26 @@ log = logging.getLogger("ftlab")
 ReferenceMode = Literal["auto", "base", "precomputed"]
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   average: bool = False, chunked: bool = True) -> torch.Tensor:
+def sequence_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    average: bool = False,
+    chunked: bool = True,
+) -> torch.Tensor:
     """(N,) log π of each sequence's labelled tokens, summed (or averaged per token). ``chunked``:
     from the hidden states a chunk at a time (``ftlab.models.lm_head.chunked_logprobs``) where the
     model's head allows, never holding the (N, T, V) logits; the same values and gradients."""
-    found = chunked_logprobs(model, labels, 1, input_ids=input_ids, attention_mask=attention_mask) if chunked else None
+    found = (
+        chunked_logprobs(model, labels, 1, input_ids=input_ids, attention_mask=attention_mask)
+        if chunked
+        else None
+    )
     if found is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits  # (N, T, V)
         return sequence_logprobs(logits, labels, average)
     keep = (labels[:, 1:] != IGNORE).float()  # (N, T-1)
     total = (found[0] * keep).sum(-1)
@@ -58,7 +70,9 @@ def response_labels(batch: dict[str, Any]) -> torch.Tensor:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     (chosen, rejected), (cmask, rmask) = ids.chunk(2), mask.chunk(2)
     differ = (chosen != rejected) | (cmask != rmask)  # (B, T)
-    first = torch.where(differ.any(1), differ.long().argmax(1), torch.full_like(differ[:, 0], ids.size(1), dtype=torch.long))
+    first = torch.where(
+        differ.any(1), differ.long().argmax(1), torch.full_like(differ[:, 0], ids.size(1), dtype=torch.long)
+    )
     start = torch.cat([first, first])  # (2B,)
     positions = torch.arange(ids.size(1), device=ids.device)  # (T,)
     return ids.masked_fill((positions < start[:, None]) | (mask == 0), IGNORE)
@@ -85,15 +99,22 @@ class Reference:
         self.switch = frozen_base(model, method)
         if self.mode == "base" and self.switch is None:
             raise ValueError(
-                f"{self.owner}: reference: base needs a method that can be switched off to give the frozen base; "
+                f"{self.owner}: reference: base needs a method that can be switched off to give the frozen "
+                "base; "
                 f"{type(method).__name__} trains the base itself: use reference: precomputed (or auto)"
             )
         if self.mode == "auto":
             self.mode = "base" if self.switch is not None else "precomputed"
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                 average: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        average: bool = False,
+    ) -> torch.Tensor:
         """(N,) log π_ref of the sequences, no gradient."""
         if self.mode == "base":
             with self.switch(), eval_mode(model):
@@ -103,17 +124,23 @@ class Reference:
         if missing:
             if self.updated:
                 raise RuntimeError(
-                    f"{self.owner}: a sequence has no precomputed reference log-prob and the model has already been "
-                    "updated; reference: precomputed covers the train and validation data seen at the start of fit "
+                    f"{self.owner}: a sequence has no precomputed reference log-prob and the model has "
+                    "already been "
+                    "updated; reference: precomputed covers the train and validation data seen at the "
+                    "start of fit "
                     "(use a method that can be switched off, such as LoRA, for other data)"
                 )
             with eval_mode(model):  # not updated yet: the model is still the base
-                ref = sequence_logps(model, input_ids[missing], attention_mask[missing], labels[missing], average)
+                ref = sequence_logps(
+                    model, input_ids[missing], attention_mask[missing], labels[missing], average
+                )
             for i, value in zip(missing, ref.tolist()):
                 self.cache[keys[i]] = value
         return torch.tensor([self.cache[k] for k in keys], device=input_ids.device)
 
-    def precompute(self, batches: Iterable[dict[str, Any]], compute: Callable[[dict[str, Any]], None]) -> None:
+    def precompute(
+        self, batches: Iterable[dict[str, Any]], compute: Callable[[dict[str, Any]], None]
+    ) -> None:
         """Run ``compute(batch)`` (which calls this reference) on every batch before training starts."""
         if self.mode != "precomputed" or self.updated:
             return
@@ -130,7 +157,8 @@ class Reference:
 
 
 def fit_batches(objective) -> Iterable[dict[str, Any]]:
-    """Every training and validation batch of the objective's fit, moved to its device (for ``precompute``)."""
+    """Every training and validation batch of the objective's fit, moved to its device (for "
+    "``precompute``)."""
     trainer = objective.trainer
     loaders = [trainer.train_dataloader]
     val = trainer.val_dataloaders
@@ -145,7 +173,9 @@ def fit_batches(objective) -> Iterable[dict[str, Any]]:
             yield objective.transfer_batch_to_device(batch, objective.device, 0)
 
 
-def _keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, average: bool) -> list[bytes]:
+def _keys(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, average: bool
+) -> list[bytes]:
     """A key per sequence: its real tokens, which of them are labelled, and the reduction."""
     out = []
     for ids, m, lab in zip(input_ids, attention_mask.bool(), labels):

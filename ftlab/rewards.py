@@ -85,7 +85,9 @@ def instruction_following(prompts: list[str], responses: list[str]) -> list[floa
     for p, r in zip(prompts, responses):
         answer = instruction_answer(p)
         if answer is None:
-            raise ValueError(f"instruction_following: not a prompt of the embedded instruction task: {p[-80:]!r}")
+            raise ValueError(
+                f"instruction_following: not a prompt of the embedded instruction task: {p[-80:]!r}"
+            )
         out.append(float(r.strip() == answer))
     return out
 
@@ -137,11 +139,19 @@ class Rewards:
             if unknown:
                 raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use {list(self.KEYS)}")
             if ("fn" in src) == ("model" in src):
-                raise ValueError(f"{where} needs exactly one of 'fn' (an import path) or 'model' (a RewardModel adapter)")
+                raise ValueError(
+                    f"{where} needs exactly one of 'fn' (an import path) or 'model' (a RewardModel adapter)"
+                )
             name = src.get("name") or (src["fn"].rpartition(".")[2] if "fn" in src else "reward_model")
-            entry = {"name": name, "weight": float(src.get("weight", 1.0)), "kwargs": dict(src.get("kwargs") or {}),
-                     "fn": import_function(src["fn"], f"{where}.fn") if "fn" in src else None,
-                     "path": src.get("fn") or src["model"], "model": None, "spec": src}
+            entry = {
+                "name": name,
+                "weight": float(src.get("weight", 1.0)),
+                "kwargs": dict(src.get("kwargs") or {}),
+                "fn": import_function(src["fn"], f"{where}.fn") if "fn" in src else None,
+                "path": src.get("fn") or src["model"],
+                "model": None,
+                "spec": src,
+            }
             self.sources.append(entry)
         names = [s["name"] for s in self.sources]
         if len(set(names)) != len(names):
@@ -154,22 +164,31 @@ class Rewards:
         """Load the reward models; each must read the policy's tokens (``same_tokenizer``)."""
         for src in self.sources:
             if src["fn"] is None and src["model"] is None:
-                src["model"] = load_reward_model(src["path"], tokenizer, policy_name, src["spec"].get("backbone"),
-                                                 src["kwargs"])
+                src["model"] = load_reward_model(
+                    src["path"], tokenizer, policy_name, src["spec"].get("backbone"), src["kwargs"]
+                )
         self.tokenizer = tokenizer
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str], device: torch.device | str = "cpu",
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N,) fp32 weighted reward and each source's (N,) scores, by name, on ``device``."""
         parts = {}
         for src in self.sources:
             if src["fn"] is not None:
                 raw = src["fn"](prompts, responses, **src["kwargs"])
-                scores = torch.as_tensor(raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float).flatten()
+                scores = torch.as_tensor(
+                    raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float
+                ).flatten()
                 if scores.numel() != len(responses):
-                    raise ValueError(f"reward_fn {src['path']} returned {scores.numel()} scores for "
-                                     f"{len(responses)} responses")
+                    raise ValueError(
+                        f"reward_fn {src['path']} returned {scores.numel()} scores for "
+                        f"{len(responses)} responses"
+                    )
             else:
                 scores = self._model_scores(src, prompts, responses, device)
             if not torch.isfinite(scores).all():
@@ -185,17 +204,23 @@ class Rewards:
         rm = src["model"].to(device)
         tok = self.tokenizer
         frame = response_frame(tok)
-        limit = src["spec"].get("max_length") or getattr(rm.model.config, "max_position_embeddings", None) or 4096
+        limit = (
+            src["spec"].get("max_length") or getattr(rm.model.config, "max_position_embeddings", None) or 4096
+        )
         out = []
         for s in range(0, len(prompts), self.chunk_size):
-            seqs = [encode_response(tok, frame, p, r.strip(), limit)[0]
-                    for p, r in zip(prompts[s:s + self.chunk_size], responses[s:s + self.chunk_size])]
+            seqs = [
+                encode_response(tok, frame, p, r.strip(), limit)[0]
+                for p, r in zip(prompts[s : s + self.chunk_size], responses[s : s + self.chunk_size])
+            ]
             ids = pad(seqs, tok.pad_token_id).to(device)
             out.append(rm(ids, pad([[1] * len(q) for q in seqs], 0).to(device)))
         return torch.cat(out)
 
 
-def load_reward_model(path: str, tokenizer, policy_name: str, backbone: Any = None, kwargs: dict | None = None):
+def load_reward_model(
+    path: str, tokenizer, policy_name: str, backbone: Any = None, kwargs: dict | None = None
+):
     """An ftlab ``RewardModel`` from its adapter directory, frozen, in eval mode.
 
     A reward model trained from an SFT model (``base_adapter``) gets the same SFT adapter folded in
@@ -213,7 +238,9 @@ def load_reward_model(path: str, tokenizer, policy_name: str, backbone: Any = No
     meta = json.loads((folder / io.CONFIG).read_text())
     objective = meta.get("extra", {}).get("objective", "")
     if not objective.endswith(".RewardModel"):
-        raise ValueError(f"reward_model {folder} was saved by {objective or 'an unknown objective'}, not a RewardModel")
+        raise ValueError(
+            f"reward_model {folder} was saved by {objective or 'an unknown objective'}, not a RewardModel"
+        )
     base = meta.get("base", {}).get("name_or_path")
     if backbone is None and not base:
         raise ValueError(f"reward_model {folder}: {io.CONFIG} names no base model; set reward_backbone")
@@ -231,9 +258,11 @@ def load_reward_model(path: str, tokenizer, policy_name: str, backbone: Any = No
     stacked = meta.get("extra", {}).get("base_adapter")
     if stacked and "base_adapter" not in kwargs:  # trained from an SFT model: fold the same SFT adapter first
         if not Path(stacked["path"]).exists():
-            raise ValueError(f"reward_model {folder} was trained on top of base_adapter {stacked['path']}, which is "
-                             "not there (paths are relative to where the run started): give its place with "
-                             "kwargs: {base_adapter: PATH} (reward_kwargs for reward_model)")
+            raise ValueError(
+                f"reward_model {folder} was trained on top of base_adapter {stacked['path']}, which is "
+                "not there (paths are relative to where the run started): give its place with "
+                "kwargs: {base_adapter: PATH} (reward_kwargs for reward_model)"
+            )
         kwargs["base_adapter"] = stacked["path"]
     rm = RewardModel(backbone, adapter=str(folder), **kwargs)
     rm.configure_model()

@@ -11,7 +11,8 @@ Rollouts run with dropout off (``eval_mode``), and so do the updates that reuse 
 log-probs: the ratio ``π / π_old`` then starts at exactly 1 and moves only when the weights do.
 Tensors are laid out as prompts left-padded to P tokens, then R response tokens:
 
-    seq (N, P + R)   mask (N, P + R)   responses (N, R)   response_mask (N, R): 1 up to and incl. the first EOS
+    seq (N, P + R)   mask (N, P + R)   responses (N, R)
+    response_mask (N, R): 1 up to and including the first EOS
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ def sft_model(backbone: Any, adapter: str, owner: str = "objective") -> nn.Modul
     meta, _ = io.read_adapter(adapter)
     objective = meta.get("extra", {}).get("objective", "")
     if not objective.endswith(".CausalLM"):
-        raise ValueError(f"{owner}: base_adapter {adapter} was saved by {objective or 'an unknown objective'}; "
-                         "it must be a CausalLM run's adapter (the SFT step), to be folded into the base")
+        raise ValueError(
+            f"{owner}: base_adapter {adapter} was saved by {objective or 'an unknown objective'}; "
+            "it must be a CausalLM run's adapter (the SFT step), to be folded into the base"
+        )
     model = backbone.load("causal_lm")
     method, extra = io.load_adapter(adapter, model, backbone.fingerprint(model))
     if extra:
-        raise ValueError(f"{owner}: base_adapter {adapter} holds objective heads ({', '.join(sorted(extra))[:80]})")
+        raise ValueError(
+            f"{owner}: base_adapter {adapter} holds objective heads ({', '.join(sorted(extra))[:80]})"
+        )
     merge_into_base(model, method)
     model.requires_grad_(False)  # the method applied next decides what trains
     return model
@@ -76,7 +81,9 @@ def adapter_digest(adapter: str) -> str:
 
     path = Path(adapter) / io.WEIGHTS
     if not path.exists():
-        raise ValueError(f"base_adapter {adapter} is not an ftlab adapter directory ({io.WEIGHTS} is missing)")
+        raise ValueError(
+            f"base_adapter {adapter} is not an ftlab adapter directory ({io.WEIGHTS} is missing)"
+        )
     return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
 
 
@@ -99,11 +106,15 @@ def check_base_adapter(adapter: str, base_adapter: str | None, owner: str = "obj
     if saved is None and base_adapter is None:
         return
     if saved is None:
-        raise ValueError(f"{owner}: adapter {adapter} was trained on the plain backbone, not on base_adapter "
-                         f"{base_adapter}: drop base_adapter")
+        raise ValueError(
+            f"{owner}: adapter {adapter} was trained on the plain backbone, not on base_adapter "
+            f"{base_adapter}: drop base_adapter"
+        )
     if base_adapter is None or adapter_digest(base_adapter) != saved["digest"]:
-        raise ValueError(f"{owner}: adapter {adapter} was trained on top of base_adapter {saved['path']} "
-                         f"(digest {saved['digest']}), not {base_adapter}: set base_adapter: {saved['path']}")
+        raise ValueError(
+            f"{owner}: adapter {adapter} was trained on top of base_adapter {saved['path']} "
+            f"(digest {saved['digest']}), not {base_adapter}: set base_adapter: {saved['path']}"
+        )
 
 
 @contextmanager
@@ -118,20 +129,35 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------- forward passes
-def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, T) ids and mask (left padding allowed) -> logits (N, T, V) and, if asked, the last hidden
     states (N, T, H). Positions count real tokens only, as ``generate`` numbers left-padded rows."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                output_hidden_states=hidden, use_cache=False)
-    states = out.hidden_states[-1][:, -input_ids.size(1):] if hidden else None  # virtual prompt tokens sit in front
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+    states = (
+        out.hidden_states[-1][:, -input_ids.size(1) :] if hidden else None
+    )  # virtual prompt tokens sit in front
     return out.logits, states
 
 
 def response_logprobs(
-    model: nn.Module, seq: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor, prompt_len: int,
-    temperature: float = 1.0, hidden: bool = False, entropy: bool = False, chunked: bool = True,
+    model: nn.Module,
+    seq: torch.Tensor,
+    mask: torch.Tensor,
+    responses: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+    hidden: bool = False,
+    entropy: bool = False,
+    chunked: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of the response tokens under ``model``, read from the logits one position earlier.
 
@@ -142,15 +168,16 @@ def response_logprobs(
     """
     if chunked and not entropy:
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (N, T), as in forward()
-        found = chunked_logprobs(model, seq, prompt_len, temperature, input_ids=seq, attention_mask=mask,
-                                 position_ids=positions)
+        found = chunked_logprobs(
+            model, seq, prompt_len, temperature, input_ids=seq, attention_mask=mask, position_ids=positions
+        )
         if found is not None:
             return {"logprobs": found[0], **({"hidden": found[1]} if hidden else {})}
     logits, states = forward(model, seq, mask, hidden)
-    logits = logits[:, prompt_len - 1:-1]  # (N, R, V)
+    logits = logits[:, prompt_len - 1 : -1]  # (N, R, V)
     out = {"logprobs": token_logprobs(logits, responses, temperature)}
     if hidden:
-        out["hidden"] = states[:, prompt_len - 1:-1]
+        out["hidden"] = states[:, prompt_len - 1 : -1]
     if entropy:
         with torch.no_grad():
             out["entropy"] = entropy_from_logits(logits.detach(), temperature)
@@ -162,13 +189,22 @@ def check_budget(model: nn.Module, prompt_len: int, max_new_tokens: int, name: s
     """Prompts of ``prompt_len`` tokens plus ``max_new_tokens`` must fit the model's positions."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and prompt_len + max_new_tokens > limit:
-        raise ValueError(f"prompts of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceed {name}'s "
-                         f"{limit} positions; shorten the prompts (data.max_length) or lower max_new_tokens")
+        raise ValueError(
+            f"prompts of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceed {name}'s "
+            f"{limit} positions; shorten the prompts (data.max_length) or lower max_new_tokens"
+        )
 
 
 @torch.no_grad()
-def sample(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           max_new_tokens: int, generation_kwargs: dict[str, Any], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    model: nn.Module,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    generation_kwargs: dict[str, Any],
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Responses to left-padded prompts (N, P), ``chunk_size`` rows at a time.
 
     Returns ``responses`` (N, R) padded with the pad token and ``response_mask`` (N, R), 1 on every
@@ -178,8 +214,11 @@ def sample(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask:
     parts = []
     for s in range(0, n, chunk_size):
         out = model.generate(
-            input_ids=input_ids[s:s + chunk_size], attention_mask=attention_mask[s:s + chunk_size],
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=input_ids[s : s + chunk_size],
+            attention_mask=attention_mask[s : s + chunk_size],
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             **generation_kwargs,
         )
         parts.append(out[:, P:])
@@ -188,8 +227,8 @@ def sample(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask:
     generated = torch.zeros((n, R), dtype=torch.bool, device=input_ids.device)
     row = 0
     for p in parts:
-        responses[row:row + p.size(0), :p.size(1)] = p
-        generated[row:row + p.size(0), :p.size(1)] = True
+        responses[row : row + p.size(0), : p.size(1)] = p
+        generated[row : row + p.size(0), : p.size(1)] = True
         row += p.size(0)
     is_eos = responses == tokenizer.eos_token_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -223,9 +262,17 @@ class Rollout:
 
 
 def rollout(
-    model: nn.Module, reference: Callable[[], AbstractContextManager], tokenizer,
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: list[str], *,
-    max_new_tokens: int, generation_kwargs: dict[str, Any], chunk_size: int, temperature: float = 1.0,
+    model: nn.Module,
+    reference: Callable[[], AbstractContextManager],
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    generation_kwargs: dict[str, Any],
+    chunk_size: int,
+    temperature: float = 1.0,
     value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rollout:
     """Sample a response per prompt row, then score its tokens under the policy and the reference.
@@ -244,16 +291,25 @@ def rollout(
         value_fn: Maps hidden states (n, R, H) to values (n, R) (PPO's value head), or None.
     """
     with eval_mode(model), torch.no_grad():
-        responses, response_mask = sample(model, tokenizer, input_ids, attention_mask, max_new_tokens,
-                                          generation_kwargs, chunk_size)
+        responses, response_mask = sample(
+            model, tokenizer, input_ids, attention_mask, max_new_tokens, generation_kwargs, chunk_size
+        )
         P = input_ids.size(1)
         seq = torch.cat([input_ids, responses], 1)  # (N, P + R)
         mask = torch.cat([attention_mask, response_mask], 1)
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "entropy": [], "values": []}
         for s in range(0, len(prompts), chunk_size):
             c = slice(s, s + chunk_size)
-            out = response_logprobs(model, seq[c], mask[c], responses[c], P, temperature,
-                                    hidden=value_fn is not None, entropy=True)
+            out = response_logprobs(
+                model,
+                seq[c],
+                mask[c],
+                responses[c],
+                P,
+                temperature,
+                hidden=value_fn is not None,
+                entropy=True,
+            )
             with reference():
                 ref = response_logprobs(model, seq[c], mask[c], responses[c], P, temperature)
             parts["logprobs"].append(out["logprobs"])
@@ -261,10 +317,19 @@ def rollout(
             parts["entropy"].append(out["entropy"])
             if value_fn is not None:
                 parts["values"].append(value_fn(out["hidden"]))
-    texts = tokenizer.batch_decode(responses.masked_fill(response_mask == 0, tokenizer.pad_token_id),
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True
+    )
     return Rollout(
-        seq=seq, mask=mask, responses=responses, response_mask=response_mask, prompt_len=P, prompts=list(prompts),
-        texts=texts, logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref"]),
-        entropy=torch.cat(parts["entropy"]), values=torch.cat(parts["values"]) if value_fn is not None else None,
+        seq=seq,
+        mask=mask,
+        responses=responses,
+        response_mask=response_mask,
+        prompt_len=P,
+        prompts=list(prompts),
+        texts=texts,
+        logprobs=torch.cat(parts["logprobs"]),
+        ref_logprobs=torch.cat(parts["ref"]),
+        entropy=torch.cat(parts["entropy"]),
+        values=torch.cat(parts["values"]) if value_fn is not None else None,
     )

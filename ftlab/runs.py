@@ -26,8 +26,15 @@ from typing import Any
 from lightning.pytorch.cli import SaveConfigCallback
 
 #: hparams shown in a run name whatever their value, and their short prefix ("" = value alone).
-KEY_HPARAMS = {"rank": "r", "alpha": "a", "targets": "", "placement": "", "num_virtual_tokens": "n",
-               "reduction_factor": "rf", "dropout": "drop"}
+KEY_HPARAMS = {
+    "rank": "r",
+    "alpha": "a",
+    "targets": "",
+    "placement": "",
+    "num_virtual_tokens": "n",
+    "reduction_factor": "rf",
+    "dropout": "drop",
+}
 _MISSING = object()
 
 
@@ -117,8 +124,13 @@ class LogConfig(SaveConfigCallback):
 
         directory = run_dir(trainer)  # memoised by setup: no collective here, on rank zero only
         directory.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(directory / self.config_filename), skip_none=False,
-                         overwrite=self.overwrite, multifile=self.multifile)
+        self.parser.save(
+            self.config,
+            str(directory / self.config_filename),
+            skip_none=False,
+            overwrite=self.overwrite,
+            multifile=self.multifile,
+        )
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
         for logger in trainer.loggers:
             logger.log_hyperparams(config)

@@ -30,9 +30,38 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Two-sided 95% quantiles of Student's t, t(0.975, df), for df = 1..30.
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+)
 _Z975 = 1.959963984540054
 
 
@@ -44,8 +73,12 @@ def t975(df: int) -> float:
     if df <= len(_T975):
         return _T975[df - 1]
     z = _Z975
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 @dataclass(frozen=True)
@@ -151,13 +184,23 @@ def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0) -> PairedResult:
     """
     a, b = _as_grid(a, "A"), _as_grid(b, "B")
     if a.shape != b.shape:
-        raise ValueError(f"paired scores must have one shape: A {a.shape}, B {b.shape} (same seeds, same examples)")
+        raise ValueError(
+            f"paired scores must have one shape: A {a.shape}, B {b.shape} (same seeds, same examples)"
+        )
     diff = a - b  # (S, N)
     boot = bootstrap_distribution(diff, draws, seed)
     d = float(diff.mean())
     low, high = np.percentile(boot, [2.5, 97.5])
-    return PairedResult(diff.shape[0], diff.shape[1], float(a.mean()), float(b.mean()), d, float(low),
-                        float(high), centred_p(boot, d))
+    return PairedResult(
+        diff.shape[0],
+        diff.shape[1],
+        float(a.mean()),
+        float(b.mean()),
+        d,
+        float(low),
+        float(high),
+        centred_p(boot, d),
+    )
 
 
 def centred_p(boot: np.ndarray, d: float) -> float:

@@ -25,7 +25,11 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 DEVICE = torch.device(os.environ.get("FTLAB_TEST_DEVICE", "cpu"))
 
 TINY_BERT = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=100,
 )
 
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from ftlab.callbacks import (
-    NonFiniteLossError, ParameterTable, RunSummary, StopOnNonFinite, Throughput, WritePredictions, parameter_table,
+    NonFiniteLossError,
+    ParameterTable,
+    RunSummary,
+    StopOnNonFinite,
+    Throughput,
+    WritePredictions,
+    parameter_table,
 )
 from ftlab.data import InstructionData
 from ftlab.models.backbone import Backbone
@@ -34,8 +40,14 @@ class Blowup(L.LightningModule):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last-good", every_n_train_steps=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_progress_bar=False,
-                        callbacks=[ckpt, StopOnNonFinite()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[ckpt, StopOnNonFinite()],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(NonFiniteLossError, match=r"train/loss is nan at step 6 \(batch 5\)"):
         trainer.fit(Blowup(bad_step=5))
     saved = torch.load(tmp_path / "last-good.ckpt", weights_only=True)
@@ -56,11 +68,20 @@ def test_parameter_table_counts():
 def test_summary_throughput_and_predictions(tmp_path):
     L.seed_everything(0)
     model = CausalLM(Backbone(pretrained=False), LoRA(rank=2), max_new_tokens=4)
-    dm = InstructionData(template="alpaca_short", max_length=96, batch_size=4, synthetic_train_size=32, synthetic_val_size=4)
+    dm = InstructionData(
+        template="alpaca_short", max_length=96, batch_size=4, synthetic_train_size=32, synthetic_val_size=4
+    )
     perf = Throughput(log_every_n_steps=1)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=L.pytorch.loggers.CSVLogger(tmp_path, name=""),
-                        enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=1, val_check_interval=2,
-                        callbacks=[ParameterTable(), perf, RunSummary(), WritePredictions()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name=""),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+        callbacks=[ParameterTable(), perf, RunSummary(), WritePredictions()],
+    )
     trainer.fit(model, dm)
     summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
     assert summary["objective"] == "CausalLM" and summary["method"] == "LoRA" and summary["steps"] == 4
@@ -69,5 +90,7 @@ def test_summary_throughput_and_predictions(tmp_path):
     assert "val/exact_match" in summary["metrics"]
     assert len(perf.step_times) == 3  # first step (warm-up) not counted
     trainer.predict(model, dm)
-    rows = [json.loads(line) for line in (tmp_path / "version_0" / "predictions.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "version_0" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 4 and set(rows[0]) == {"prompt", "generated", "reference"}

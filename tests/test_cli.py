@@ -18,8 +18,10 @@ def _sst2_like(tmp_path: Path) -> str:
 
 def _sts_like(tmp_path: Path) -> str:
     """A tiny STS-B folder in the real layout: tab-separated, no header, a row with licence columns."""
-    rows = [f"main-captions\tMSRvid\t2012\t{i:04d}\t{i % 6}.000\tA man plays {w}.\tA man is playing {w}."
-            for i, w in enumerate(["a flute", "the drums", "a guitar", "cards", "chess", "music"] * 3)]
+    rows = [
+        f"main-captions\tMSRvid\t2012\t{i:04d}\t{i % 6}.000\tA man plays {w}.\tA man is playing {w}."
+        for i, w in enumerate(["a flute", "the drums", "a guitar", "cards", "chess", "music"] * 3)
+    ]
     rows[0] += "\tlicence a\tlicence b"
     for split in ("train", "dev", "test"):
         (tmp_path / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
@@ -29,8 +31,13 @@ def _sts_like(tmp_path: Path) -> str:
 def _hh_like(tmp_path: Path) -> str:
     import json
 
-    rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: a kind and helpful answer number {i}",
-             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: a rude and useless answer number {i}"} for i in range(24)]
+    rows = [
+        {
+            "chosen": f"\n\nHuman: question {i}?\n\nAssistant: a kind and helpful answer number {i}",
+            "rejected": f"\n\nHuman: question {i}?\n\nAssistant: a rude and useless answer number {i}",
+        }
+        for i in range(24)
+    ]
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
@@ -55,8 +62,16 @@ def _overrides(config: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
     monkeypatch.chdir(config.parents[1])
-    main(["fit", "--config", str(config), "--trainer.fast_dev_run=true",
-          f"--trainer.default_root_dir={tmp_path}", *_overrides(config, tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path}",
+            *_overrides(config, tmp_path),
+        ]
+    )
 
 
 def test_links_fill_tokenizer_and_max_length(capsys):
@@ -70,8 +85,13 @@ def test_links_fill_tokenizer_and_max_length(capsys):
     from ftlab.cli import FtlabCLI
     from ftlab.objectives._base import Objective
 
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   args=["--config", str(CONFIGS[0].parent / "lora_sst2.yaml"), "--trainer.logger=false"])
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(CONFIGS[0].parent / "lora_sst2.yaml"), "--trainer.logger=false"],
+    )
     assert cli.datamodule.tokenizer_name == "minilm"
     assert cli.model.max_length == cli.datamodule.max_length == 64
 
@@ -84,22 +104,54 @@ def _error(args, capsys) -> str:
 
 
 def test_unknown_preset_is_one_line(capsys, tmp_path):
-    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
-                  "--model.init_args.backbone.name_or_path", "tiny-lama",
-                  f"--trainer.default_root_dir={tmp_path}"], capsys)
+    err = _error(
+        [
+            "fit",
+            "--config",
+            "configs/lora.yaml",
+            "--trainer.fast_dev_run=true",
+            "--model.init_args.backbone.name_or_path",
+            "tiny-lama",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        capsys,
+    )
     assert "unknown backbone preset 'tiny-lama'" in err and "Traceback" not in err
 
 
 def test_rank_zero_is_rejected(capsys, tmp_path):
-    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
-                  "--model.init_args.method.init_args.rank", "0", f"--trainer.default_root_dir={tmp_path}"], capsys)
+    err = _error(
+        [
+            "fit",
+            "--config",
+            "configs/lora.yaml",
+            "--trainer.fast_dev_run=true",
+            "--model.init_args.method.init_args.rank",
+            "0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        capsys,
+    )
     assert "rank must be > 0" in err and "Traceback" not in err
 
 
 def test_target_matching_nothing_lists_modules(capsys, tmp_path):
-    err = _error(["fit", "--config", "configs/lora.yaml", "--trainer.fast_dev_run=true",
-                  "--model.init_args.method.init_args.targets", "[query]", f"--trainer.default_root_dir={tmp_path}",
-                  "--data.init_args.synthetic_train_size", "8", "--data.init_args.synthetic_val_size", "4"], capsys)
+    err = _error(
+        [
+            "fit",
+            "--config",
+            "configs/lora.yaml",
+            "--trainer.fast_dev_run=true",
+            "--model.init_args.method.init_args.targets",
+            "[query]",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.synthetic_train_size",
+            "8",
+            "--data.init_args.synthetic_val_size",
+            "4",
+        ],
+        capsys,
+    )
     assert "match no module" in err and "model.layers.*.self_attn.q_proj" in err
 
 
@@ -109,14 +161,33 @@ def test_config_key_typo(capsys):
 
 
 def test_missing_data_path(capsys, tmp_path):
-    err = _error(["fit", "--config", "configs/lora_sst2.yaml", "--trainer.fast_dev_run=true",
-                  "--data.init_args.source", str(tmp_path / "nowhere"), f"--trainer.default_root_dir={tmp_path}"], capsys)
+    err = _error(
+        [
+            "fit",
+            "--config",
+            "configs/lora_sst2.yaml",
+            "--trainer.fast_dev_run=true",
+            "--data.init_args.source",
+            str(tmp_path / "nowhere"),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        capsys,
+    )
     assert "nowhere does not exist" in err
 
 
 def test_missing_checkpoint_is_one_line(capsys, tmp_path):
-    err = _error(["fit", "--config", "configs/lora.yaml", f"--trainer.default_root_dir={tmp_path}",
-                  "--ckpt_path", str(tmp_path / "nope.ckpt")], capsys)
+    err = _error(
+        [
+            "fit",
+            "--config",
+            "configs/lora.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--ckpt_path",
+            str(tmp_path / "nope.ckpt"),
+        ],
+        capsys,
+    )
     assert "nope.ckpt: no such checkpoint" in err and "Traceback" not in err
 
 

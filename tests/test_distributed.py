@@ -16,16 +16,31 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 ROOT = Path(__file__).parents[1]
-SMALL = ["--data.init_args.synthetic_train_size", "128", "--data.init_args.synthetic_val_size", "8",
-         "--trainer.logger", "false"]
+SMALL = [
+    "--data.init_args.synthetic_train_size",
+    "128",
+    "--data.init_args.synthetic_val_size",
+    "8",
+    "--trainer.logger",
+    "false",
+]
 
 pytestmark = pytest.mark.distributed
 
 
 def _fit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ftlab.cli", "fit", "--config", "configs/lora.yaml", *SMALL,
-           f"--trainer.default_root_dir={tmp_path}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftlab.cli",
+        "fit",
+        "--config",
+        "configs/lora.yaml",
+        *SMALL,
+        f"--trainer.default_root_dir={tmp_path}",
+        *args,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -88,8 +103,16 @@ def _curve(run_dir: Path, *args: str, method: str = "LoRA", with_log: bool = Fal
     (run_dir / "curve.yaml").write_text(CURVE_CONFIG.format(method=method))
     (run_dir / "recorder.py").write_text(RECORDER)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_dir)}
-    cmd = [sys.executable, "-m", "ftlab.cli", "fit", "--config", str(run_dir / "curve.yaml"), *args,
-           f"--trainer.default_root_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftlab.cli",
+        "fit",
+        "--config",
+        str(run_dir / "curve.yaml"),
+        *args,
+        f"--trainer.default_root_dir={run_dir}",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = json.loads((run_dir / "losses.json").read_text())
@@ -107,8 +130,12 @@ def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
     """Same global batch (16 = 16 x 1 process = 8 x 2 processes), same samples in each step."""
     single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16")
-    ddp, ddp_w = _curve(tmp_path / "ddp", "--config", "configs/strategy/ddp.yaml", "--data.init_args.batch_size", "8")
-    fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml", "--data.init_args.batch_size", "8")
+    ddp, ddp_w = _curve(
+        tmp_path / "ddp", "--config", "configs/strategy/ddp.yaml", "--data.init_args.batch_size", "8"
+    )
+    fsdp, fsdp_w = _curve(
+        tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml", "--data.init_args.batch_size", "8"
+    )
     assert len(single) == 6 and any(v.abs().sum() > 0 for k, v in single_w.items() if k.endswith("lora_B"))
     assert ddp == pytest.approx(single, rel=1e-4) and fsdp == pytest.approx(single, rel=1e-4)
     for other in (ddp_w, fsdp_w):
@@ -124,16 +151,31 @@ def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
 def test_qlora_under_fsdp_follows_the_single_process_loss_curve(tmp_path):
     """FSDP2 shards QLoRA's packed 4-bit codes (uint8 storage) with the rest and gathers them back."""
     single, single_w = _curve(tmp_path / "single", "--data.init_args.batch_size", "16", method="QLoRA")
-    fsdp, fsdp_w = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml",
-                          "--data.init_args.batch_size", "8", method="QLoRA")
+    fsdp, fsdp_w = _curve(
+        tmp_path / "fsdp",
+        "--config",
+        "configs/strategy/fsdp.yaml",
+        "--data.init_args.batch_size",
+        "8",
+        method="QLoRA",
+    )
     assert fsdp == pytest.approx(single, rel=1e-4)
     for k in single_w:
         assert _relative_gap(fsdp_w[k], single_w[k]) < 1e-3, k
 
 
 def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):
-    _fit(tmp_path, "--config", "configs/strategy/ddp.yaml", "--model.init_args.backbone.gradient_checkpointing", "true",
-         "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
+    _fit(
+        tmp_path,
+        "--config",
+        "configs/strategy/ddp.yaml",
+        "--model.init_args.backbone.gradient_checkpointing",
+        "true",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+    )
     state = load_file(tmp_path / "version_0" / "adapter" / "adapter.safetensors")
     assert state and all(torch.isfinite(v).all() for v in state.values())
     assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # it trained
@@ -141,10 +183,24 @@ def test_ddp_with_gradient_checkpointing_and_lora(tmp_path):
 
 
 def test_fsdp_adapter_only_sharded_checkpoint_resumes_exactly(tmp_path):
-    fsdp = ["--config", "configs/strategy/fsdp.yaml", "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
-    _fit(tmp_path / "a", *fsdp, "--trainer.callbacks+=ModelCheckpoint",
-         "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1")
-    (ckpt,) = (tmp_path / "a" / "version_0" / "checkpoints").glob("*step=3.ckpt")  # mid-epoch: 2 batches per rank and epoch
+    fsdp = [
+        "--config",
+        "configs/strategy/fsdp.yaml",
+        "--trainer.max_steps",
+        "5",
+        "--trainer.val_check_interval",
+        "5",
+    ]
+    _fit(
+        tmp_path / "a",
+        *fsdp,
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=3",
+        "--trainer.callbacks.save_top_k=-1",
+    )
+    (ckpt,) = (tmp_path / "a" / "version_0" / "checkpoints").glob(
+        "*step=3.ckpt"
+    )  # mid-epoch: 2 batches per rank and epoch
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
     saved = FileSystemReader(ckpt).read_metadata().state_dict_metadata
     tensors = [k for k in saved if k.startswith("state_dict.")]
@@ -172,12 +228,33 @@ def test_fsdp_fills_each_ranks_shard_from_the_checkpoint_as_a_plain_load_would(t
     torch.manual_seed(1)
     Backbone(pretrained=False).load("causal_lm").save_pretrained(tmp_path / "base")
     byte_tokenizer().save_pretrained(tmp_path / "base")
-    args = ["--model.init_args.backbone.name_or_path", str(tmp_path / "base"), "--trainer.max_steps", "2",
-            "--data.class_path", "ftlab.data.InstructionData", "--data.init_args.template", "alpaca_short",
-            "--data.init_args.max_length", "192", "--data.init_args.packing", "true",
-            "--data.init_args.synthetic_train_size", "48", "--data.init_args.batch_size", "2"]
-    fsdp, fsdp_w, log = _curve(tmp_path / "fsdp", "--config", "configs/strategy/fsdp.yaml", *args,
-                               "--trainer.accumulate_grad_batches", "2", with_log=True)
+    args = [
+        "--model.init_args.backbone.name_or_path",
+        str(tmp_path / "base"),
+        "--trainer.max_steps",
+        "2",
+        "--data.class_path",
+        "ftlab.data.InstructionData",
+        "--data.init_args.template",
+        "alpaca_short",
+        "--data.init_args.max_length",
+        "192",
+        "--data.init_args.packing",
+        "true",
+        "--data.init_args.synthetic_train_size",
+        "48",
+        "--data.init_args.batch_size",
+        "2",
+    ]
+    fsdp, fsdp_w, log = _curve(
+        tmp_path / "fsdp",
+        "--config",
+        "configs/strategy/fsdp.yaml",
+        *args,
+        "--trainer.accumulate_grad_batches",
+        "2",
+        with_log=True,
+    )
     assert "each rank read its shard of 38 tensors" in log  # 36 in blocks + embeddings (tied head) + norm
 
     run = tmp_path / "single"
@@ -185,8 +262,17 @@ def test_fsdp_fills_each_ranks_shard_from_the_checkpoint_as_a_plain_load_would(t
     (run / "curve.yaml").write_text(CURVE_CONFIG.format(method="LoRA"))
     (run / "recorder.py").write_text(RECORDER)
     monkeypatch.syspath_prepend(str(run))
-    main(["fit", "--config", str(run / "curve.yaml"), *args, "--trainer.accumulate_grad_batches", "4",
-          f"--trainer.default_root_dir={run}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(run / "curve.yaml"),
+            *args,
+            "--trainer.accumulate_grad_batches",
+            "4",
+            f"--trainer.default_root_dir={run}",
+        ]
+    )
     single = json.loads((run / "losses.json").read_text())
     single_w = load_file(run / "version_0" / "adapter" / "adapter.safetensors")
     # Each micro-batch returns its share of the step's per-token mean loss; FSDP's micro-batch j holds the

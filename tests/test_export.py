@@ -17,7 +17,7 @@ from ftlab.cli import main
 from ftlab.export import ExportError, export
 from ftlab.models.backbone import Backbone
 from ftlab.models.tokenizer import byte_tokenizer
-from ftlab.peft import LoRA, LongLoRA, QLoRA
+from ftlab.peft import LongLoRA, LoRA, QLoRA
 from ftlab.peft.io import save_adapter, save_peft_adapter
 
 
@@ -44,8 +44,13 @@ def trained_adapter(base_dir, method, path):
     model = backbone.load("causal_lm").eval()
     method.apply(model)
     perturb(model)
-    save_adapter(path, model, method, backbone.fingerprint(model),
-                 extra={"objective": "ftlab.objectives.causal_lm.CausalLM"})
+    save_adapter(
+        path,
+        model,
+        method,
+        backbone.fingerprint(model),
+        extra={"objective": "ftlab.objectives.causal_lm.CausalLM"},
+    )
     return model, backbone
 
 
@@ -58,7 +63,9 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 METHODS = {
     "lora": lambda: LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]),
     "qlora-nf4": lambda: QLoRA(rank=4, alpha=8),
-    "qlora-fp4-bf16-storage": lambda: QLoRA(rank=4, quant_type="fp4", double_quant=False, quant_storage="bfloat16"),
+    "qlora-fp4-bf16-storage": lambda: QLoRA(
+        rank=4, quant_type="fp4", double_quant=False, quant_storage="bfloat16"
+    ),
     "longlora": lambda: LongLoRA(rank=4, group_size=8),
 }
 
@@ -103,20 +110,38 @@ def test_export_peft_format(base_dir, tmp_path):
     perturb(model)
     save_peft_adapter(tmp_path / "peft", model, method, str(base_dir))
     out = export(tmp_path / "peft", tmp_path / "merged", backbone)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(model, IDS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(out), IDS), logits(model, IDS), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_cli_export_reads_the_backbone_from_the_run_yaml(base_dir, tmp_path, capsys):
     model, _ = trained_adapter(base_dir, LoRA(rank=4), tmp_path / "adapter")
     config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  class_path: ftlab.objectives.CausalLM\n  init_args:\n"
-                      f"    backbone: {{name_or_path: {base_dir}}}\n")
-    main(["export", "--config", str(config), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"),
-          "--dtype", "float32"])
+    config.write_text(
+        f"model:\n  class_path: ftlab.objectives.CausalLM\n  init_args:\n"
+        f"    backbone: {{name_or_path: {base_dir}}}\n"
+    )
+    main(
+        [
+            "export",
+            "--config",
+            str(config),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / "m"),
+            "--dtype",
+            "float32",
+        ]
+    )
     assert "merged model written to" in capsys.readouterr().out
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), IDS),
-                               logits(model, IDS), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), IDS),
+        logits(model, IDS),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def _error(args, capsys) -> str:
@@ -132,8 +157,18 @@ def test_cli_random_init_base_is_one_clear_line(base_dir, tmp_path, capsys):
     trained_adapter(base_dir, LoRA(rank=4), tmp_path / "adapter")
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  init_args:\n    backbone: {name_or_path: tiny-llama, pretrained: false}\n")
-    err = _error(["export", "--config", str(config), "--adapter", str(tmp_path / "adapter"),
-                  "--out", str(tmp_path / "m")], capsys)
+    err = _error(
+        [
+            "export",
+            "--config",
+            str(config),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capsys,
+    )
     assert "randomly initialised" in err
 
 
@@ -146,7 +181,9 @@ def test_wrong_base_is_refused(base_dir, tmp_path):
     trained_adapter(base_dir, LoRA(rank=4), tmp_path / "adapter")
     other = tmp_path / "other"
     torch.manual_seed(0)
-    Backbone("tiny-llama", pretrained=False, config_overrides={"num_hidden_layers": 2}).load("causal_lm").save_pretrained(other)
+    Backbone("tiny-llama", pretrained=False, config_overrides={"num_hidden_layers": 2}).load(
+        "causal_lm"
+    ).save_pretrained(other)
     with pytest.raises(ValueError, match="was trained on base"):
         export(tmp_path / "adapter", tmp_path / "m", Backbone(str(other)))
 
@@ -156,7 +193,12 @@ def test_classifier_adapter_is_refused(base_dir, tmp_path):
     model = backbone.load("causal_lm")
     method = LoRA(rank=2)
     method.apply(model)
-    save_adapter(tmp_path / "a", model, method, backbone.fingerprint(model),
-                 extra={"objective": "ftlab.objectives.sequence_classifier.SequenceClassifier"})
+    save_adapter(
+        tmp_path / "a",
+        model,
+        method,
+        backbone.fingerprint(model),
+        extra={"objective": "ftlab.objectives.sequence_classifier.SequenceClassifier"},
+    )
     with pytest.raises(ExportError, match="SequenceClassifier, which has no plain-model form to export"):
         export(tmp_path / "a", tmp_path / "m", backbone)

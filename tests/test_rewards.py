@@ -9,9 +9,13 @@ PROMPT = "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:\n"
 
 
 def test_weighted_sources_and_logged_only_ones():
-    rewards = Rewards([{"fn": "ftlab.rewards.has_char"},
-                       {"fn": "ftlab.rewards.contains", "kwargs": {"text": "ok"}, "weight": -2.0, "name": "ok"},
-                       {"fn": "ftlab.rewards.uppercase_fraction", "weight": 0}])
+    rewards = Rewards(
+        [
+            {"fn": "ftlab.rewards.has_char"},
+            {"fn": "ftlab.rewards.contains", "kwargs": {"text": "ok"}, "weight": -2.0, "name": "ok"},
+            {"fn": "ftlab.rewards.uppercase_fraction", "weight": 0},
+        ]
+    )
     total, parts = rewards(["p"] * 3, ["ok 1", "AB", "x2"])
     assert parts["has_char"].tolist() == [1.0, 0.0, 1.0] and parts["ok"].tolist() == [1.0, 0.0, 0.0]
     assert parts["uppercase_fraction"].tolist() == [0.0, 1.0, 0.0]  # computed and returned, not optimised
@@ -19,10 +23,12 @@ def test_weighted_sources_and_logged_only_ones():
 
 
 def test_the_embedded_task_rule():
-    prompts = [PROMPT.format("Reverse the letters of the word.", "tomel"),
-               PROMPT.format("Add the two numbers.", "17 + 25"),
-               PROMPT.format("Write the word twice.", "fen"),
-               PROMPT.format("Write the word in capital letters.", "hira")]
+    prompts = [
+        PROMPT.format("Reverse the letters of the word.", "tomel"),
+        PROMPT.format("Add the two numbers.", "17 + 25"),
+        PROMPT.format("Write the word twice.", "fen"),
+        PROMPT.format("Write the word in capital letters.", "hira"),
+    ]
     assert [instruction_answer(p) for p in prompts] == ["lemot", "42", "fen fen", "HIRA"]
     assert instruction_following(prompts, [" lemot", "43", "fen fen\n", "Hira"]) == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="not a prompt of the embedded instruction task"):
@@ -39,7 +45,9 @@ def test_bad_reward_specs_are_clear_errors():
     with pytest.raises(ValueError, match="every reward source has weight 0"):
         Rewards([{"fn": "ftlab.rewards.has_char", "weight": 0}])
     with pytest.raises(ValueError, match="distinct names"):
-        Rewards([{"fn": "ftlab.rewards.has_char"}, {"fn": "ftlab.rewards.has_char", "kwargs": {"chars": "x"}}])
+        Rewards(
+            [{"fn": "ftlab.rewards.has_char"}, {"fn": "ftlab.rewards.has_char", "kwargs": {"chars": "x"}}]
+        )
     with pytest.raises(ValueError, match=r"rewards\[0\].fn 'ftlab.rewards.nope' cannot be imported"):
         Rewards([{"fn": "ftlab.rewards.nope"}])
     with pytest.raises(ValueError, match="non-finite"):

@@ -24,9 +24,16 @@ def test_summary_matches_hand_computed_t_intervals():
     s = summarize([0.80, 0.82, 0.81])
     # mean 0.81, sd 0.01, half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.3027 * 0.0057735 = 0.024842
     assert (s.n, s.mean, s.std) == (3, pytest.approx(0.81), pytest.approx(0.01))
-    assert (s.low, s.high) == (pytest.approx(0.81 - 0.024842, abs=1e-6), pytest.approx(0.81 + 0.024842, abs=1e-6))
+    assert (s.low, s.high) == (
+        pytest.approx(0.81 - 0.024842, abs=1e-6),
+        pytest.approx(0.81 + 0.024842, abs=1e-6),
+    )
     s = summarize([1, 2, 3, 4])  # sd sqrt(5/3) = 1.290994; half-width 3.1824 * 1.290994 / 2 = 2.054230
-    assert (s.mean, s.std, s.half_width) == (2.5, pytest.approx(1.290994, abs=1e-6), pytest.approx(2.054230, abs=1e-5))
+    assert (s.mean, s.std, s.half_width) == (
+        2.5,
+        pytest.approx(1.290994, abs=1e-6),
+        pytest.approx(2.054230, abs=1e-5),
+    )
     one = summarize([0.7])
     assert one.n == 1 and one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.low)
     with pytest.raises(ValueError, match="no values"):

@@ -21,14 +21,26 @@ from ftlab.cli import main
 ROOT = Path(__file__).parents[1]
 RANK = "model.init_args.method.init_args.rank"
 #: The embedded default cut to nothing: 2 steps of batch 4, no validation, no checkpoint.
-TINY = {"trainer.max_steps": 2, "trainer.limit_val_batches": 0, "trainer.enable_checkpointing": False,
-        "trainer.enable_progress_bar": False, "data.init_args.synthetic_train_size": 16,
-        "data.init_args.synthetic_val_size": 4, "data.init_args.batch_size": 4}
+TINY = {
+    "trainer.max_steps": 2,
+    "trainer.limit_val_batches": 0,
+    "trainer.enable_checkpointing": False,
+    "trainer.enable_progress_bar": False,
+    "data.init_args.synthetic_train_size": 16,
+    "data.init_args.synthetic_val_size": 4,
+    "data.init_args.batch_size": 4,
+}
 
 
 def _sweep_file(tmp_path: Path, **spec) -> Path:
-    spec = {"base": str(ROOT / "configs" / "lora.yaml"), "grid": {RANK: [1, 2]}, "fixed": TINY,
-            "metric": "train/loss", "out": str(tmp_path / "out"), **spec}
+    spec = {
+        "base": str(ROOT / "configs" / "lora.yaml"),
+        "grid": {RANK: [1, 2]},
+        "fixed": TINY,
+        "metric": "train/loss",
+        "out": str(tmp_path / "out"),
+        **spec,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -55,7 +67,9 @@ def test_tiny_sweep_with_seeds_runs_tabulates_and_resumes(tmp_path, capsys):
     out = tmp_path / "out"
     rows = _csv(out / "results.csv")
     assert [(r["run"], r["point"], r["seed"], r["rank"], r["status"]) for r in rows] == [
-        ("rank=2 seed=0", "rank=2", "0", "2", "done"), ("rank=2 seed=1", "rank=2", "1", "2", "done")]
+        ("rank=2 seed=0", "rank=2", "0", "2", "done"),
+        ("rank=2 seed=1", "rank=2", "1", "2", "done"),
+    ]
     assert all(float(r["value"]) > 0 for r in rows) and rows[0]["value"] != rows[1]["value"]
     for r in rows:
         run_dir, seed = Path(r["run_dir"]), int(r["seed"])
@@ -82,21 +96,32 @@ def test_tiny_sweep_with_seeds_runs_tabulates_and_resumes(tmp_path, capsys):
 
     main(["sweep", str(path), "--dry-run", "--seeds", "3"])
     printed = capsys.readouterr().out
-    assert printed.count("(done)") == 2 and printed.count("(to run)") == 1 and "--seed_everything 2" in printed
+    assert (
+        printed.count("(done)") == 2 and printed.count("(to run)") == 1 and "--seed_everything 2" in printed
+    )
 
 
 def _finish(run, value: float, scores=None, digest: str = "d0", code: int = 0) -> None:
     """What a finished run leaves in its folder (or a failed one, with ``code``)."""
     (run.run_dir / "version_0").mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "sweep_point.json").write_text(json.dumps({"returncode": code, "config_sha": run.config_sha}))
+    (run.run_dir / "sweep_point.json").write_text(
+        json.dumps({"returncode": code, "config_sha": run.config_sha})
+    )
     if code:
         return
-    (run.run_dir / "version_0" / "summary.json").write_text(json.dumps(
-        {"metrics": {"val/accuracy": value}, "steps": 2, "params/trainable_pct": 1.0}))
-    (run.run_dir / "version_0" / "budget.json").write_text(json.dumps({"steps": 2, "samples": 8, "tokens": 99}))
+    (run.run_dir / "version_0" / "summary.json").write_text(
+        json.dumps({"metrics": {"val/accuracy": value}, "steps": 2, "params/trainable_pct": 1.0})
+    )
+    (run.run_dir / "version_0" / "budget.json").write_text(
+        json.dumps({"steps": 2, "samples": 8, "tokens": 99})
+    )
     if scores is not None:
-        np.savez(run.run_dir / "version_0" / "val_examples.npz", accuracy=np.asarray(scores, dtype=float),
-                 digest=np.array(digest), step=np.array(2))
+        np.savez(
+            run.run_dir / "version_0" / "val_examples.npz",
+            accuracy=np.asarray(scores, dtype=float),
+            digest=np.array(digest),
+            step=np.array(2),
+        )
 
 
 def test_resumed_sweep_with_seeds_runs_unfinished_runs_only(tmp_path, monkeypatch):
@@ -126,7 +151,9 @@ def test_resumed_sweep_with_seeds_runs_unfinished_runs_only(tmp_path, monkeypatc
     execute.run(plan(load(path, seeds="3")))  # a third seed, then a new point: only they run
     assert started == ["rank=1 seed=2", "rank=2 seed=2"]
     started.clear()
-    execute.run(plan(load(_sweep_file(tmp_path, seeds=[0, 1, 2], grid={RANK: [1, 2, 4]}, metric="val/accuracy"))))
+    execute.run(
+        plan(load(_sweep_file(tmp_path, seeds=[0, 1, 2], grid={RANK: [1, 2, 4]}, metric="val/accuracy")))
+    )
     assert started == ["rank=4 seed=0", "rank=4 seed=1", "rank=4 seed=2"]
 
     # Without the run folders (a fresh checkout of committed results), results.csv says what finished.
@@ -164,7 +191,10 @@ def test_paired_comparison_and_verdicts_against_the_best(tmp_path, capsys):
     _finish(runs["rank=8 seed=0"], 0.5, best[0], digest="other examples")
     _finish(runs["rank=8 seed=1"], 0.5, best[1], digest="other examples")
     report(sweep)
-    md = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "out" / "results.md").read_text().splitlines()}
+    md = {
+        line.split(" | ")[0].strip("| "): line
+        for line in (tmp_path / "out" / "results.md").read_text().splitlines()
+    }
     assert "**best**" in md["1"] and "≈ best" in md["2"] and "worse" in md["4"]
     assert "not paired" in md["8"] and "validated on different examples" in md["8"]
     assert (tmp_path / "out" / "examples.npz").exists()
@@ -195,33 +225,63 @@ def test_pairing_uses_shared_seeds_and_names_the_rest():
         pair({0: ex[0]}, {0: Examples(np.array([1.0, 0.0]), "d")})
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"base": "configs/nowhere.yaml"}, "base config configs/nowhere.yaml does not exist"),
-    ({"grid": {}}, "the grid is empty"),
-    ({"grid": {RANK: []}}, f"grid key '{RANK}' has an empty list of values"),
-    ({"grid": {"model.init_args.method.init_args.rnak": [1, 2]}},
-     ("key 'model.init_args.method.init_args.rnak' is not in the config (configs/lora.yaml) "
-      f"(did you mean '{RANK}'?)")),
-    ({"fixed": {**TINY, "trainer.max_step": 3}}, "did you mean 'trainer.max_steps'?"),
-    ({"grid": {RANK: [2, "two"]}}, "point 'rank=two' does not parse"),
-    ({"fixed": {**TINY, "trainer.strategy": "fsdp", "trainer.accelerator": "cpu"}},
-     "strategy fsdp cannot run on CPU"),
-    ({"fixed": {**TINY, "trainer.accelerator": "gpu"}}, "no CUDA GPU is visible"),
-    ({"grdi": {RANK: [1]}}, "unknown key 'grdi' (did you mean 'grid'?)"),
-    ({"fixed": [1, 2]}, "'fixed' maps dotted config keys to one value each"),
-    ({"seeds": []}, "seeds must be a count (3) or a non-empty list"),
-    ({"seeds": [0, 0]}, "seeds [0, 0] repeat a value"),
-    ({"seeds": [0, 1], "fixed": {**TINY, "seed_everything": 3}}, "sets a seed key"),
-    ({"seeds": [0], "seed_keys": ["data.init_args.sede"]}, "did you mean 'data.init_args.seed'?"),
-    ({"budget": {"tokens": -5}}, "budget tokens must be a positive number"),
-    ({"budget": {"minutes": 5}}, "'budget' is one of {steps: N}, {tokens: N}, {epochs: X}"),
-    ({"grid": {"method": {"a": [1]}}}, "grid 'method', point 'a': a named point maps dotted config keys"),
-    ({"grid": {"method": {"a": {"model.init_args.methd": None}}}}, "key 'model.init_args.methd' is not in the config"),
-    ({"goal": "up"}, "'goal' is max or min"),
-], ids=["missing-base", "empty-grid", "empty-values", "unknown-key", "unknown-fixed-key", "bad-value",
-        "fsdp-on-cpu", "gpu-without-gpu", "sweep-key-typo", "fixed-not-a-mapping", "no-seeds", "repeated-seed",
-        "seed-in-fixed", "unknown-seed-key", "negative-budget", "unknown-budget", "named-point-not-a-mapping",
-        "named-point-unknown-key", "bad-goal"])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"base": "configs/nowhere.yaml"}, "base config configs/nowhere.yaml does not exist"),
+        ({"grid": {}}, "the grid is empty"),
+        ({"grid": {RANK: []}}, f"grid key '{RANK}' has an empty list of values"),
+        (
+            {"grid": {"model.init_args.method.init_args.rnak": [1, 2]}},
+            (
+                "key 'model.init_args.method.init_args.rnak' is not in the config (configs/lora.yaml) "
+                f"(did you mean '{RANK}'?)"
+            ),
+        ),
+        ({"fixed": {**TINY, "trainer.max_step": 3}}, "did you mean 'trainer.max_steps'?"),
+        ({"grid": {RANK: [2, "two"]}}, "point 'rank=two' does not parse"),
+        (
+            {"fixed": {**TINY, "trainer.strategy": "fsdp", "trainer.accelerator": "cpu"}},
+            "strategy fsdp cannot run on CPU",
+        ),
+        ({"fixed": {**TINY, "trainer.accelerator": "gpu"}}, "no CUDA GPU is visible"),
+        ({"grdi": {RANK: [1]}}, "unknown key 'grdi' (did you mean 'grid'?)"),
+        ({"fixed": [1, 2]}, "'fixed' maps dotted config keys to one value each"),
+        ({"seeds": []}, "seeds must be a count (3) or a non-empty list"),
+        ({"seeds": [0, 0]}, "seeds [0, 0] repeat a value"),
+        ({"seeds": [0, 1], "fixed": {**TINY, "seed_everything": 3}}, "sets a seed key"),
+        ({"seeds": [0], "seed_keys": ["data.init_args.sede"]}, "did you mean 'data.init_args.seed'?"),
+        ({"budget": {"tokens": -5}}, "budget tokens must be a positive number"),
+        ({"budget": {"minutes": 5}}, "'budget' is one of {steps: N}, {tokens: N}, {epochs: X}"),
+        ({"grid": {"method": {"a": [1]}}}, "grid 'method', point 'a': a named point maps dotted config keys"),
+        (
+            {"grid": {"method": {"a": {"model.init_args.methd": None}}}},
+            "key 'model.init_args.methd' is not in the config",
+        ),
+        ({"goal": "up"}, "'goal' is max or min"),
+    ],
+    ids=[
+        "missing-base",
+        "empty-grid",
+        "empty-values",
+        "unknown-key",
+        "unknown-fixed-key",
+        "bad-value",
+        "fsdp-on-cpu",
+        "gpu-without-gpu",
+        "sweep-key-typo",
+        "fixed-not-a-mapping",
+        "no-seeds",
+        "repeated-seed",
+        "seed-in-fixed",
+        "unknown-seed-key",
+        "negative-budget",
+        "unknown-budget",
+        "named-point-not-a-mapping",
+        "named-point-unknown-key",
+        "bad-goal",
+    ],
+)
 def test_bad_input_fails_before_training(spec, message, tmp_path, capsys, monkeypatch):
     if "gpu" in json.dumps(spec) and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -236,7 +296,10 @@ def test_named_points_are_columns_and_labels(tmp_path):
     from ftlab.sweep import load, plan
 
     lr = "model.init_args.optimizer.init_args.lr"
-    grid = {"method": {"small": {RANK: 2, lr: 0.01}, "base": None}, "model.init_args.method.init_args.alpha": [8]}
+    grid = {
+        "method": {"small": {RANK: 2, lr: 0.01}, "base": None},
+        "model.init_args.method.init_args.alpha": [8],
+    }
     sweep = plan(load(_sweep_file(tmp_path, grid=grid, seeds=2)))
     assert [p.label for p in sweep.points] == ["method=small alpha=8", "method=base alpha=8"]
     assert sweep.points[0].columns == {"method": "small", "alpha": "8"}
@@ -268,15 +331,24 @@ def test_wandb_run_named_from_method_and_seed(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_RUN_GROUP", "my_sweep")
     monkeypatch.setenv("WANDB_TAGS", "sweep")
     mine = [{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"name": "mine"}}]
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   args=[*args, "--trainer.logger", json.dumps(mine)])
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[*args, "--trainer.logger", json.dumps(mine)],
+    )
     init = cli.trainer.logger._wandb_init
     assert init["name"] == "mine" and init.get("group") is None
     assert init["tags"] == ["LoRA", "CausalLM", "tiny-llama", "seed=3", "sweep"]
     # A sweep: one group per grid point, the seed in the name and the tags.
     sweep = plan(load(_sweep_file(tmp_path, seeds=[0, 5], name="ranks")))
     env = wandb_env(sweep, sweep.points[1].runs[1], {"WANDB_TAGS": "mine"})
-    assert (env["WANDB_NAME"], env["WANDB_RUN_GROUP"], env["WANDB_JOB_TYPE"]) == ("rank=2 seed=5", "ranks/rank=2", "ranks")
+    assert (env["WANDB_NAME"], env["WANDB_RUN_GROUP"], env["WANDB_JOB_TYPE"]) == (
+        "rank=2 seed=5",
+        "ranks/rank=2",
+        "ranks",
+    )
     assert env["WANDB_TAGS"] == "mine,sweep,ranks,seed=5"
 
 
@@ -298,9 +370,19 @@ def test_compare_notebook_runs_on_results_with_seeds(tmp_path, monkeypatch):
             if rank == 64:  # a third of the right answers lost
                 scores *= rng.random(200) < 0.67
             status = "failed (exit 1)" if (rank, seed) == (64, 2) else "done"
-            rows.append({"run": run, "point": f"rank={rank}", "seed": seed, "rank": rank, "status": status,
-                         "metric": "val/accuracy", "value": scores.mean() if status == "done" else "",
-                         "params/trainable_pct": 0.1 * rank, "steps": 10})
+            rows.append(
+                {
+                    "run": run,
+                    "point": f"rank={rank}",
+                    "seed": seed,
+                    "rank": rank,
+                    "status": status,
+                    "metric": "val/accuracy",
+                    "value": scores.mean() if status == "done" else "",
+                    "params/trainable_pct": 0.1 * rank,
+                    "steps": 10,
+                }
+            )
             if status == "done":
                 arrays[run], arrays[run + "::digest"] = scores, np.array("same examples")
     with open(folder / "results.csv", "w", newline="") as fh:
@@ -311,17 +393,24 @@ def test_compare_notebook_runs_on_results_with_seeds(tmp_path, monkeypatch):
     # The kernel must be this interpreter (the venv's), whatever kernelspecs the machine has.
     kernels = tmp_path / "jupyter" / "kernels" / "python3"
     kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3", "language": "python"}))
+    (kernels / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("FTLAB_RESULTS", str(folder / "results.csv"))
     monkeypatch.delenv("MPLBACKEND", raising=False)
 
     nb = nbformat.read(ROOT / "notebooks" / "compare_methods.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     assert "1 results file(s), 9 runs, 8 finished, 3 grid points" in text
@@ -339,11 +428,23 @@ def test_results_have_each_column_once(tmp_path):
     sweep = plan(load(_sweep_file(tmp_path)))
     for run, loss in zip(sweep.runs, (0.5, 0.4)):
         run.run_dir.mkdir(parents=True)
-        (run.run_dir / "summary.json").write_text(json.dumps(
-            {"metrics": {"train/loss": loss, "perf/tokens_per_s": 100.0, "val/f1": 0.7},
-             "perf/tokens_per_s": 100.0, "steps": 2, "method": "LoRA"}))
+        (run.run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "metrics": {"train/loss": loss, "perf/tokens_per_s": 100.0, "val/f1": 0.7},
+                    "perf/tokens_per_s": 100.0,
+                    "steps": 2,
+                    "method": "LoRA",
+                }
+            )
+        )
     columns, table = rows(sweep)
-    assert len(columns) == len(set(columns)) and {"perf/tokens_per_s", "val/f1", "seed", "tokens"} <= set(columns)
-    assert [(r["value"], r["perf/tokens_per_s"], r["seed"]) for r in table] == [(0.5, 100.0, 0), (0.4, 100.0, 0)]
+    assert len(columns) == len(set(columns)) and {"perf/tokens_per_s", "val/f1", "seed", "tokens"} <= set(
+        columns
+    )
+    assert [(r["value"], r["perf/tokens_per_s"], r["seed"]) for r in table] == [
+        (0.5, 100.0, 0),
+        (0.4, 100.0, 0),
+    ]
     # The method's class has a column of its own: a grid axis is often called "method".
     assert [r["method_class"] for r in table] == ["LoRA", "LoRA"] and "method" not in columns

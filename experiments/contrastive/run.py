@@ -46,15 +46,43 @@ ROOT = HERE.parents[1]
 RESULTS, SEALED = HERE / "results.jsonl", HERE / "sealed_test.jsonl"
 
 # ----------------------------------------------------------------------------- candidates
-LR, EPOCHS, BATCH = "--model.init_args.optimizer.init_args.lr", "--trainer.max_epochs", "--data.init_args.batch_size"
+LR, EPOCHS, BATCH = (
+    "--model.init_args.optimizer.init_args.lr",
+    "--trainer.max_epochs",
+    "--data.init_args.batch_size",
+)
 COSINE = ["--model.init_args.loss", "cosine"]
-LORA = ["--model.init_args.method", "ftlab.peft.LoRA", "--model.init_args.method.init_args.rank", "16",
-        "--model.init_args.method.init_args.alpha", "32", "--model.init_args.method.init_args.targets", "[all-linear]"]
-NLI = ["--data.init_args.source", "{data}/snli_dev_test/dev.tsv", "--data.init_args.format", "nli",
-       "--data.init_args.val_fraction", "0", "--model.init_args.loss", "infonce"]
+LORA = [
+    "--model.init_args.method",
+    "ftlab.peft.LoRA",
+    "--model.init_args.method.init_args.rank",
+    "16",
+    "--model.init_args.method.init_args.alpha",
+    "32",
+    "--model.init_args.method.init_args.targets",
+    "[all-linear]",
+]
+NLI = [
+    "--data.init_args.source",
+    "{data}/snli_dev_test/dev.tsv",
+    "--data.init_args.format",
+    "nli",
+    "--data.init_args.val_fraction",
+    "0",
+    "--model.init_args.loss",
+    "infonce",
+]
 TAU = "--model.init_args.temperature"
-MIX = ["--data.init_args.mix_source", "{data}/snli_dev_test/dev.tsv", "--data.init_args.mix_format", "nli",
-       "--model.init_args.loss", "auto", TAU, "0.05"]
+MIX = [
+    "--data.init_args.mix_source",
+    "{data}/snli_dev_test/dev.tsv",
+    "--data.init_args.mix_format",
+    "nli",
+    "--model.init_args.loss",
+    "auto",
+    TAU,
+    "0.05",
+]
 MIX_BATCH, MIX_WEIGHT = "--data.init_args.mix_batch_size", "--model.init_args.mix_weight"
 
 #: name -> overrides on configs/contrastive.yaml (CoSENT, full fine-tuning, AdamW with weight decay
@@ -78,15 +106,55 @@ CANDIDATES: dict[str, list[str]] = {
     "stsb-cosine-lora-lr5e-4-ep1": [*COSINE, *LORA, LR, "5e-4", EPOCHS, "1"],
     "stsb-cosine-lr2e-5-ep2": [*COSINE, LR, "2e-5", EPOCHS, "2"],
     # STS-B graded pairs and SNLI-dev triplets together (InfoNCE τ 0.05 for the triplets)
-    "mix-cosine-nli16-lr2e-5-ep1": [*MIX, "--model.init_args.graded_loss", "cosine", MIX_BATCH, "16", LR, "2e-5",
-                                    EPOCHS, "1"],
-    "mix-cosent-nli16-lr2e-5-ep1": [*MIX, "--model.init_args.graded_loss", "cosent", MIX_BATCH, "16", LR, "2e-5",
-                                    EPOCHS, "1"],
+    "mix-cosine-nli16-lr2e-5-ep1": [
+        *MIX,
+        "--model.init_args.graded_loss",
+        "cosine",
+        MIX_BATCH,
+        "16",
+        LR,
+        "2e-5",
+        EPOCHS,
+        "1",
+    ],
+    "mix-cosent-nli16-lr2e-5-ep1": [
+        *MIX,
+        "--model.init_args.graded_loss",
+        "cosent",
+        MIX_BATCH,
+        "16",
+        LR,
+        "2e-5",
+        EPOCHS,
+        "1",
+    ],
     # ... with InfoNCE's loss weighted down (weight 1 above left STS-B dev at 87.1: its gradients dominate)
-    "mix-cosine-w0.1-nli16-lr2e-5-ep1": [*MIX, "--model.init_args.graded_loss", "cosine", MIX_BATCH, "16",
-                                         MIX_WEIGHT, "0.1", LR, "2e-5", EPOCHS, "1"],
-    "mix-cosine-w0.02-nli16-lr2e-5-ep1": [*MIX, "--model.init_args.graded_loss", "cosine", MIX_BATCH, "16",
-                                          MIX_WEIGHT, "0.02", LR, "2e-5", EPOCHS, "1"],
+    "mix-cosine-w0.1-nli16-lr2e-5-ep1": [
+        *MIX,
+        "--model.init_args.graded_loss",
+        "cosine",
+        MIX_BATCH,
+        "16",
+        MIX_WEIGHT,
+        "0.1",
+        LR,
+        "2e-5",
+        EPOCHS,
+        "1",
+    ],
+    "mix-cosine-w0.02-nli16-lr2e-5-ep1": [
+        *MIX,
+        "--model.init_args.graded_loss",
+        "cosine",
+        MIX_BATCH,
+        "16",
+        MIX_WEIGHT,
+        "0.02",
+        LR,
+        "2e-5",
+        EPOCHS,
+        "1",
+    ],
 }
 SCREEN_SEEDS, FINAL_SEEDS, CONFIRM_SEEDS = [0], [1, 2], [3, 4]
 N_FINALISTS = 3
@@ -115,8 +183,14 @@ def eval_loaders(data: Path, max_length: int, limit: int | None = None):
 
 
 def evaluate(model, loaders) -> dict[str, float]:
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     out = {}
     for name, loader in loaders.items():
         metrics = trainer.validate(model, dataloaders=loader, verbose=False)[0]
@@ -146,20 +220,42 @@ def run_one(name: str, seed: int, data: Path, work: Path, smoke: bool = False) -
     nli = name.startswith("nli")
     # STS-B runs score STS-B dev after every epoch (dev only: a curve over epochs at no extra run);
     # NLI runs train on SNLI dev and have no validation split.
-    args = ["--config", "configs/contrastive.yaml", "--data.init_args.source", str(data / "stsbenchmark"), *overrides,
-            "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-            "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            f"--trainer.limit_val_batches={0 if nli else 1.0}",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={work}"]
+    args = [
+        "--config",
+        "configs/contrastive.yaml",
+        "--data.init_args.source",
+        str(data / "stsbenchmark"),
+        *overrides,
+        "--seed_everything",
+        str(seed),
+        "--data.init_args.seed",
+        str(seed),
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.limit_val_batches={0 if nli else 1.0}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={work}",
+    ]
     if smoke:  # a check of the machinery: 3 batches per epoch, 2 validation batches
         args += ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"][: 1 if nli else 2]
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   save_config_kwargs={"overwrite": True}, args=args)
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     curve = DevCurve()
     trainer.callbacks.append(curve)
-    record = {"candidate": name, "seed": seed, "overrides": overrides, "torch_threads": torch.get_num_threads(),
-              "load_avg_start": round(os.getloadavg()[0], 2)}
+    record = {
+        "candidate": name,
+        "seed": seed,
+        "overrides": overrides,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_start": round(os.getloadavg()[0], 2),
+    }
     t = time.perf_counter()
     if name != "base":
         trainer.fit(model, dm)
@@ -170,8 +266,12 @@ def run_one(name: str, seed: int, data: Path, work: Path, smoke: bool = False) -
         model.configure_model()
     t = time.perf_counter()
     scores = evaluate(model, eval_loaders(data, dm.max_length, 256 if smoke else None))
-    record |= {"eval_s": round(time.perf_counter() - t, 1), "load_avg_end": round(os.getloadavg()[0], 2),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "time": time.strftime("%Y-%m-%d %H:%M")}
+    record |= {
+        "eval_s": round(time.perf_counter() - t, 1),
+        "load_avg_end": round(os.getloadavg()[0], 2),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+    }
     dev = {k: v for k, v in scores.items() if "_dev/" in k}
     test = {k: v for k, v in scores.items() if "_test/" in k}
     if not smoke:
@@ -185,7 +285,9 @@ def run_one(name: str, seed: int, data: Path, work: Path, smoke: bool = False) -
 
 # ----------------------------------------------------------------------------- many runs
 def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def done() -> set[tuple[str, int]]:
@@ -217,7 +319,9 @@ def summarise(rows: list[dict], keys: list[str]) -> dict[str, dict]:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["candidate"], []).append(r)
-    return {name: {"n": len(rs), **{k: t_interval([r[k] for r in rs]) for k in keys}} for name, rs in by.items()}
+    return {
+        name: {"n": len(rs), **{k: t_interval([r[k] for r in rs]) for k in keys}} for name, rs in by.items()
+    }
 
 
 def fmt(mean_hw: tuple[float, float]) -> str:
@@ -241,8 +345,10 @@ def ranking(min_seeds: int = 1) -> tuple[list[tuple[str, dict]], dict]:
     stats = summarise(load(RESULTS), DEV_KEYS)
     base = stats.pop("base")
     floor = base["snli_dev/triplet_accuracy"][0]
-    ranked = sorted(((n, s) for n, s in stats.items() if s["n"] >= min_seeds),
-                    key=lambda kv: -kv[1]["stsb_dev/spearman"][0])
+    ranked = sorted(
+        ((n, s) for n, s in stats.items() if s["n"] >= min_seeds),
+        key=lambda kv: -kv[1]["stsb_dev/spearman"][0],
+    )
     for name, s in ranked:
         s["eligible"] = trained_on_snli(name) or s["snli_dev/triplet_accuracy"][0] >= floor
     return ranked, base
@@ -265,16 +371,24 @@ def stage_names(name: str) -> tuple[list[str], list[int]]:
 def select() -> None:
     """Print the dev-only ranking (see ``ranking``) and the chosen candidate."""
     ranked, base = ranking()
-    print(f"base: STS-B dev {fmt(base['stsb_dev/spearman'])}, SNLI dev triplet acc "
-          f"{fmt(base['snli_dev/triplet_accuracy'])}, R@1 {fmt(base['snli_dev/recall@1'])}")
-    print(f"{'candidate':<36} {'n':>2} {'STS-B dev':>15} {'SNLI dev acc':>15} {'SNLI dev R@1':>15}  eligible  by epoch")
+    print(
+        f"base: STS-B dev {fmt(base['stsb_dev/spearman'])}, SNLI dev triplet acc "
+        f"{fmt(base['snli_dev/triplet_accuracy'])}, R@1 {fmt(base['snli_dev/recall@1'])}"
+    )
+    print(
+        f"{'candidate':<36} {'n':>2} {'STS-B dev':>15} {'SNLI dev acc':>15} {'SNLI dev R@1':>15}  eligible "
+        " by epoch"
+    )
     curves = {}
     for r in load(RESULTS):
         curves.setdefault(r["candidate"], []).append(r.get("stsb_dev_by_epoch"))
     for name, s in ranked:
         ok = "trained on it" if trained_on_snli(name) else ("yes" if s["eligible"] else "no")
-        print(f"{name:<36} {s['n']:>2} {fmt(s['stsb_dev/spearman']):>15} {fmt(s['snli_dev/triplet_accuracy']):>15} "
-              f"{fmt(s['snli_dev/recall@1']):>15}  {ok:<8}  {curves.get(name)}")
+        print(
+            f"{name:<36} {s['n']:>2} {fmt(s['stsb_dev/spearman']):>15} "
+            f"{fmt(s['snli_dev/triplet_accuracy']):>15} "
+            f"{fmt(s['snli_dev/recall@1']):>15}  {ok:<8}  {curves.get(name)}"
+        )
     chosen = [n for n, s in ranking(1 + len(FINAL_SEEDS))[0] if s["eligible"]]
     print("chosen (best eligible with >= 3 seeds):", chosen[0] if chosen else "none yet")
 
@@ -285,10 +399,17 @@ def table() -> None:
     rows = [r | sealed[(r["candidate"], r["seed"])] for r in dev if (r["candidate"], r["seed"]) in sealed]
     stats = summarise(rows, DEV_KEYS + TEST_KEYS)
     cols = ["STS-B dev", "STS-B test", "SNLI dev acc", "SNLI test acc", "SNLI test R@1"]
-    keys = ["stsb_dev/spearman", "stsb_test/spearman", "snli_dev/triplet_accuracy", "snli_test/triplet_accuracy",
-            "snli_test/recall@1"]
+    keys = [
+        "stsb_dev/spearman",
+        "stsb_test/spearman",
+        "snli_dev/triplet_accuracy",
+        "snli_test/triplet_accuracy",
+        "snli_test/recall@1",
+    ]
     lines = ["| candidate | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    order = ["base"] + sorted((n for n in stats if n != "base"), key=lambda n: -stats[n]["stsb_dev/spearman"][0])
+    order = ["base"] + sorted(
+        (n for n in stats if n != "base"), key=lambda n: -stats[n]["stsb_dev/spearman"][0]
+    )
     for name in order:
         s = stats[name]
         lines.append(f"| {name} | {s['n']} | " + " | ".join(fmt(s[k]) for k in keys) + " |")
@@ -303,7 +424,9 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="candidates (train) or a stage name (stage)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="*", help="override the stage's seeds")
-    parser.add_argument("--smoke", action="store_true", help="train: 3 batches, a few eval batches, nothing saved")
+    parser.add_argument(
+        "--smoke", action="store_true", help="train: 3 batches, a few eval batches, nothing saved"
+    )
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     data = Path(args.data).resolve()
@@ -319,7 +442,9 @@ def main() -> None:
         for name in args.names:
             if name not in CANDIDATES:
                 raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
-            run_one(name, args.seed, data, Path(f"/tmp/ftlab-contrastive-runs/{name}-{args.seed}"), args.smoke)
+            run_one(
+                name, args.seed, data, Path(f"/tmp/ftlab-contrastive-runs/{name}-{args.seed}"), args.smoke
+            )
     elif args.command == "stage":
         names, seeds = stage_names(args.names[0])
         print(f"stage {args.names[0]}: {names}, seeds {args.seeds or seeds}", flush=True)

@@ -34,7 +34,9 @@ def rouge_numbers(alpaca: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/stsbenchmark", help="folder with sts-{train,dev,test}.csv")
+    parser.add_argument(
+        "--data", default="../shared/data/stsbenchmark", help="folder with sts-{train,dev,test}.csv"
+    )
     parser.add_argument("--alpaca", default="../shared/data/alpaca_5000_subset/alpaca_5000.json")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
@@ -46,32 +48,62 @@ def main() -> None:
 
     os.chdir(ROOT)  # the config's relative paths (../shared/data) are from the project root
     if not Path(args.data).is_dir():
-        raise SystemExit(f"STS-B folder {args.data} not found: the shared data is expected beside the "
-                         "repository (../shared/data/stsbenchmark); pass --data")
+        raise SystemExit(
+            f"STS-B folder {args.data} not found: the shared data is expected beside the "
+            "repository (../shared/data/stsbenchmark); pass --data"
+        )
     import torch
 
     from ftlab.cli import FtlabCLI
     from ftlab.objectives._base import Objective
 
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   save_config_kwargs={"overwrite": True}, args=[
-        "--config", "configs/contrastive.yaml", "--data.init_args.source", args.data,
-        "--data.init_args.batch_size", str(args.batch), "--data.init_args.max_length", str(args.max_length),
-        "--model.init_args.optimizer.init_args.lr", str(args.lr), "--trainer.max_epochs", str(args.epochs),
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
-        "--trainer.default_root_dir=runs/contrastive_stsb", "--trainer.enable_progress_bar=false",
-    ])
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        args=[
+            "--config",
+            "configs/contrastive.yaml",
+            "--data.init_args.source",
+            args.data,
+            "--data.init_args.batch_size",
+            str(args.batch),
+            "--data.init_args.max_length",
+            str(args.max_length),
+            "--model.init_args.optimizer.init_args.lr",
+            str(args.lr),
+            "--trainer.max_epochs",
+            str(args.epochs),
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.limit_val_batches=0",
+            "--trainer.default_root_dir=runs/contrastive_stsb",
+            "--trainer.enable_progress_bar=false",
+        ],
+    )
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     results: dict = {
-        "config": "configs/contrastive.yaml", "data": args.data, "epochs": args.epochs, "batch_size": args.batch,
-        "max_length": args.max_length, "lr": args.lr, "loss": model.loss_name, "pooling": model.pooling,
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "config": "configs/contrastive.yaml",
+        "data": args.data,
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "max_length": args.max_length,
+        "lr": args.lr,
+        "loss": model.loss_name,
+        "pooling": model.pooling,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     t = time.perf_counter()
     base = trainer.test(model, dm, verbose=False)[0]
-    results["base"] = {"test_spearman": base["test/spearman"], "test_loss": base["test/loss"],
-                       "eval_s": round(time.perf_counter() - t, 1)}
+    results["base"] = {
+        "test_spearman": base["test/spearman"],
+        "test_loss": base["test/loss"],
+        "eval_s": round(time.perf_counter() - t, 1),
+    }
     print("base:", results["base"], flush=True)
     if not args.base_only:
         t = time.perf_counter()
@@ -79,10 +111,14 @@ def main() -> None:
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         tuned = trainer.test(model, dm, verbose=False)[0]
-        results["fine_tuned"] = {"test_spearman": tuned["test/spearman"], "test_loss": tuned["test/loss"],
-                                 "steps": int(trainer.global_step), "fit_s": round(fit_s, 1),
-                                 "s_per_step": round(fit_s / max(1, trainer.global_step), 3),
-                                 "eval_s": round(time.perf_counter() - t, 1)}
+        results["fine_tuned"] = {
+            "test_spearman": tuned["test/spearman"],
+            "test_loss": tuned["test/loss"],
+            "steps": int(trainer.global_step),
+            "fit_s": round(fit_s, 1),
+            "s_per_step": round(fit_s / max(1, trainer.global_step), 3),
+            "eval_s": round(time.perf_counter() - t, 1),
+        }
         print("fine-tuned:", results["fine_tuned"], flush=True)
     if Path(args.alpaca).exists():
         results["rouge_filter"] = rouge_numbers(Path(args.alpaca))

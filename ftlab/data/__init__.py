@@ -5,9 +5,9 @@ from ftlab.data.classification import ClassificationData
 from ftlab.data.instruction import InstructionData
 from ftlab.data.pairs import PairData
 from ftlab.data.preference import PreferenceData
-from ftlab.data.text import TextData
 from ftlab.data.prompts import PromptData
 from ftlab.data.seq2seq import Seq2SeqData
+from ftlab.data.text import TextData
 from ftlab.data.unpaired import UnpairedPreferenceData
 
 __all__ = ["DataError", "ClassificationData", "InstructionData", "TextData"]

@@ -42,8 +42,16 @@ class TokenizedData(L.LightningDataModule):
     packing_samples = False
 
     def __init__(
-        self, source: str, tokenizer: str, max_length: int, batch_size: int, num_workers: int,
-        val_source: str | None, val_fraction: float, max_samples: int | None, seed: int,
+        self,
+        source: str,
+        tokenizer: str,
+        max_length: int,
+        batch_size: int,
+        num_workers: int,
+        val_source: str | None,
+        val_fraction: float,
+        max_samples: int | None,
+        seed: int,
     ):
         super().__init__()
         if max_length <= 0:
@@ -52,7 +60,12 @@ class TokenizedData(L.LightningDataModule):
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.source, self.tokenizer_name, self.max_length = source, tokenizer, max_length
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.val_source, self.val_fraction, self.max_samples, self.seed = val_source, val_fraction, max_samples, seed
+        self.val_source, self.val_fraction, self.max_samples, self.seed = (
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         self._tokenizer = None
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
@@ -101,7 +114,9 @@ class TokenizedData(L.LightningDataModule):
         # The test split is read only to test: a folder's test file may hold no labels (GLUE).
         if stage == "test" and "test" not in self.splits and self.source != "synthetic":
             rows = self.raw_rows("test") or []
-            self.splits["test"] = self._encode_all(rows[: self.max_samples] if self.max_samples else rows, "test")
+            self.splits["test"] = self._encode_all(
+                rows[: self.max_samples] if self.max_samples else rows, "test"
+            )
 
     def _encode_all(self, rows: list[Record], split: str) -> list[dict[str, Any]]:
         """Encode every row; count truncated ones, and leave out (counted) those that truncation
@@ -112,12 +127,18 @@ class TokenizedData(L.LightningDataModule):
         if truncated:
             log.warning(
                 "%s: %d of %d %s samples truncated to max_length=%d",
-                type(self).__name__, truncated, len(items), split, self.max_length,
+                type(self).__name__,
+                truncated,
+                len(items),
+                split,
+                self.max_length,
             )
         kept = [it for it in items if not it.pop("no_target", False)]
         if len(kept) < len(items):
-            message = (f"{type(self).__name__}: {len(items) - len(kept)} of {len(items)} {split} samples have no "
-                       f"target token within max_length={self.max_length} (the prompt fills it)")
+            message = (
+                f"{type(self).__name__}: {len(items) - len(kept)} of {len(items)} {split} samples have no "
+                f"target token within max_length={self.max_length} (the prompt fills it)"
+            )
             if not kept:
                 raise DataError(f"{message}: nothing is left to train on; raise data.init_args.max_length")
             log.warning("%s; they are left out", message)
@@ -127,9 +148,14 @@ class TokenizedData(L.LightningDataModule):
         from ftlab.data.packing import efficiency, pack
 
         rows = pack(items, self.max_length, self.seed)
-        log.info("%s: %d training samples packed into %d rows of up to %d tokens (%.1f%% real tokens)",
-                 type(self).__name__, len(items), len(rows), self.max_length,
-                 100 * efficiency(rows, self.max_length))
+        log.info(
+            "%s: %d training samples packed into %d rows of up to %d tokens (%.1f%% real tokens)",
+            type(self).__name__,
+            len(items),
+            len(rows),
+            self.max_length,
+            100 * efficiency(rows, self.max_length),
+        )
         return rows
 
     def encode(self, row: Record) -> dict[str, Any]:
@@ -186,13 +212,20 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, items: list, seed: int, trainer: L.Trainer | None = None, batch_size: int = 1):
         spread = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-        super().__init__(items, num_replicas=spread.get("num_replicas", 1), rank=spread.get("rank", 0),
-                         shuffle=True, seed=seed)
+        super().__init__(
+            items,
+            num_replicas=spread.get("num_replicas", 1),
+            rank=spread.get("rank", 0),
+            shuffle=True,
+            seed=seed,
+        )
         self.skip = 0  # samples of this rank to leave out, once
         fit_loop = trainer.fit_loop if trainer is not None else None
         if fit_loop is not None and fit_loop.restarting:
             done = fit_loop.epoch_loop.batch_progress.current.processed
-            if done < _batches_per_epoch(math.ceil(self.num_samples / batch_size), trainer.limit_train_batches):
+            if done < _batches_per_epoch(
+                math.ceil(self.num_samples / batch_size), trainer.limit_train_batches
+            ):
                 self.skip = done * batch_size  # else the checkpoint closed its epoch: the next starts afresh
 
     def __iter__(self):
@@ -245,14 +278,22 @@ class ResumableLoader(DataLoader):
             index += len(window)
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.sampler.seed, "batch_size": self.batch_size, "world_size": self.sampler.num_replicas,
-                "samples": len(self.dataset)}
+        return {
+            "seed": self.sampler.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.sampler.num_replicas,
+            "samples": len(self.dataset),
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        changed = [f"{k} {state_dict[k]} -> {v}" for k, v in self.state_dict().items() if state_dict.get(k, v) != v]
+        changed = [
+            f"{k} {state_dict[k]} -> {v}" for k, v in self.state_dict().items() if state_dict.get(k, v) != v
+        ]
         if changed:
-            rank_zero_warn(f"resuming with a different {', '.join(changed)} than the checkpoint: the training data "
-                           "order and position differ from the saved run's")
+            rank_zero_warn(
+                f"resuming with a different {', '.join(changed)} than the checkpoint: the training data "
+                "order and position differ from the saved run's"
+            )
 
 
 def _batches_per_epoch(batches: int, limit: int | float | None) -> int:

@@ -44,7 +44,9 @@ def _undecodable(path: Path) -> DataError:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8")
+        return DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        )
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
@@ -76,7 +78,9 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(
             f"{path}: not a readable gzip file ({err}); rename it without .gz if it is not compressed"
         ) from None
-    raise DataError(f"{path}: unsupported file type {fmt!r}; use one of {', '.join(SUFFIXES)} (optionally .gz)")
+    raise DataError(
+        f"{path}: unsupported file type {fmt!r}; use one of {', '.join(SUFFIXES)} (optionally .gz)"
+    )
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -84,7 +88,7 @@ def _read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet as pq
 
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             rows = pq.read_table(f).to_pylist()
     except gzip.BadGzipFile:
         raise
@@ -102,7 +106,9 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append({**row, "_where": f"{path}:{lineno}"})
@@ -135,7 +141,9 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
     csv.field_size_limit(sys.maxsize)
     with _open_text(path) as f:
         # SST-style files hold raw quotes inside unquoted text: tsv is read without quoting.
-        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        reader = csv.reader(
+            f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        )
         try:
             header = next(reader)
         except StopIteration:
@@ -216,8 +224,10 @@ def text(row: Mapping[str, Any], field: str, required: bool = True) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     shown = json.dumps(value, default=str)
-    raise DataError(f"{row.get('_where', '?')}: field {field!r} must be text, got a {type(value).__name__} "
-                    f"({shown[:60]}{'...' if len(shown) > 60 else ''})")
+    raise DataError(
+        f"{row.get('_where', '?')}: field {field!r} must be text, got a {type(value).__name__} "
+        f"({shown[:60]}{'...' if len(shown) > 60 else ''})"
+    )
 
 
 def nonempty(rows: Iterable[Record] | None, what: str) -> list[Record]:

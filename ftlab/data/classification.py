@@ -49,7 +49,17 @@ class ClassificationData(TokenizedData):
         max_samples: int | None = None,
         seed: int = 0,
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         self.text_field, self.text_pair_field, self.label_field = text_field, text_pair_field, label_field
         self.labels = [label_name(x) for x in labels] if labels else None
 
@@ -85,7 +95,11 @@ class ClassificationData(TokenizedData):
             raise DataError(f"{row.get('_where', '?')}: label {label!r} is not one of {self.labels}")
         enc = self.tokenizer(first, pair, truncation=False)
         ids = enc["input_ids"]
-        return {"input_ids": ids[: self.max_length], "label": self.labels.index(label), "truncated": len(ids) > self.max_length}
+        return {
+            "input_ids": ids[: self.max_length],
+            "label": self.labels.index(label),
+            "truncated": len(ids) > self.max_length,
+        }
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         import torch

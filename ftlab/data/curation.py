@@ -70,7 +70,9 @@ class _Index:
         self.lengths[k] = len(tokens)
         self.tokens.append(tokens)
         for tok, count in Counter(tokens).items():
-            entry = self.postings.setdefault(tok, [np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.int64), 0])
+            entry = self.postings.setdefault(
+                tok, [np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.int64), 0]
+            )
             ids, counts, n = entry
             if n == len(ids):
                 entry[0], entry[1] = np.concatenate([ids, ids]), np.concatenate([counts, counts])
@@ -125,6 +127,11 @@ def rouge_filter(
         kept.append(i)
         if tokens:
             index.add(tokens)
-    stats = {"rows": len(texts), "kept": len(kept), "exact": exact, "pairs": pairs,
-             "seconds": time.perf_counter() - start}
+    stats = {
+        "rows": len(texts),
+        "kept": len(kept),
+        "exact": exact,
+        "pairs": pairs,
+        "seconds": time.perf_counter() - start,
+    }
     return kept, stats

@@ -24,39 +24,78 @@ TASKS: dict[str, dict[str, Any]] = {
         "fields": ["sentence", "label"],
         "answers": {"0": "negative", "1": "positive"},
         "templates": [
-            {"instruction": "Is the sentiment of the following sentence positive or negative?\n{options}",
-             "input": "{sentence}", "output": "{answer}"},
-            {"instruction": "What is the sentiment of this review?\n{options}", "input": "{sentence}",
-             "output": "{answer}"},
-            {"instruction": "Did the writer like it? Answer positive or negative.", "input": "{sentence}",
-             "output": "{answer}"},
-            {"instruction": "Classify the sentiment of the text.\n{options}", "input": "Text: {sentence}",
-             "output": "{answer}"},
+            {
+                "instruction": "Is the sentiment of the following sentence positive or negative?\n{options}",
+                "input": "{sentence}",
+                "output": "{answer}",
+            },
+            {
+                "instruction": "What is the sentiment of this review?\n{options}",
+                "input": "{sentence}",
+                "output": "{answer}",
+            },
+            {
+                "instruction": "Did the writer like it? Answer positive or negative.",
+                "input": "{sentence}",
+                "output": "{answer}",
+            },
+            {
+                "instruction": "Classify the sentiment of the text.\n{options}",
+                "input": "Text: {sentence}",
+                "output": "{answer}",
+            },
         ],
     },
     "nli": {
         "fields": ["premise", "hypothesis", "label"],
-        "answers": {"entailment": "yes", "neutral": "it is not possible to tell", "contradiction": "no",
-                    "0": "yes", "1": "it is not possible to tell", "2": "no"},
+        "answers": {
+            "entailment": "yes",
+            "neutral": "it is not possible to tell",
+            "contradiction": "no",
+            "0": "yes",
+            "1": "it is not possible to tell",
+            "2": "no",
+        },
         "templates": [
-            {"instruction": "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the "
-                            "hypothesis?\n{options}", "input": "", "output": "{answer}"},
-            {"instruction": "Can we conclude the hypothesis from the premise?\n{options}",
-             "input": "Premise: {premise}\nHypothesis: {hypothesis}", "output": "{answer}"},
-            {"instruction": "Read the text and decide if the sentence is true.\n{options}",
-             "input": "{premise}\n\nSentence: {hypothesis}", "output": "{answer}"},
+            {
+                "instruction": "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the "
+                "hypothesis?\n{options}",
+                "input": "",
+                "output": "{answer}",
+            },
+            {
+                "instruction": "Can we conclude the hypothesis from the premise?\n{options}",
+                "input": "Premise: {premise}\nHypothesis: {hypothesis}",
+                "output": "{answer}",
+            },
+            {
+                "instruction": "Read the text and decide if the sentence is true.\n{options}",
+                "input": "{premise}\n\nSentence: {hypothesis}",
+                "output": "{answer}",
+            },
         ],
     },
     "similarity": {
         "fields": ["sentence1", "sentence2", "score"],
         "answers": None,
         "templates": [
-            {"instruction": "How similar are these two sentences, on a scale from 0 to 5?",
-             "input": "1: {sentence1}\n2: {sentence2}", "output": "{score}"},
-            {"instruction": "Rate the semantic similarity of the sentences (0 = unrelated, 5 = same meaning).",
-             "input": "{sentence1}\n{sentence2}", "output": "{score}"},
-            {"instruction": "Sentence A: {sentence1}\nSentence B: {sentence2}\nGive a similarity score "
-                            "between 0 and 5.", "input": "", "output": "{score}"},
+            {
+                "instruction": "How similar are these two sentences, on a scale from 0 to 5?",
+                "input": "1: {sentence1}\n2: {sentence2}",
+                "output": "{score}",
+            },
+            {
+                "instruction": "Rate the semantic similarity of the sentences (0 = unrelated, 5 = same "
+                "meaning).",
+                "input": "{sentence1}\n{sentence2}",
+                "output": "{score}",
+            },
+            {
+                "instruction": "Sentence A: {sentence1}\nSentence B: {sentence2}\nGive a similarity score "
+                "between 0 and 5.",
+                "input": "",
+                "output": "{score}",
+            },
         ],
     },
 }
@@ -78,7 +117,9 @@ def load_task(task: str) -> dict[str, Any]:
         raise DataError(f"{path}: needs a non-empty 'templates' list")
     for i, t in enumerate(templates):
         if not isinstance(t, dict) or "instruction" not in t or "output" not in t:
-            raise DataError(f"{path}: templates[{i}] needs 'instruction' and 'output' (and optionally 'input')")
+            raise DataError(
+                f"{path}: templates[{i}] needs 'instruction' and 'output' (and optionally 'input')"
+            )
     return {"fields": list(spec.get("fields") or []), "answers": spec.get("answers"), "templates": templates}
 
 
@@ -105,16 +146,22 @@ def apply_templates(
             label_field = "label" if "label" in spec["fields"] else spec["fields"][-1]
             label = str(values[label_field]).strip()
             if label not in answers:
-                raise DataError(f"{where}: field {fields.get(label_field, label_field)!r} = {label!r} is not one "
-                                f"of the task's labels {sorted(answers)}")
+                raise DataError(
+                    f"{where}: field {fields.get(label_field, label_field)!r} = {label!r} is not one "
+                    f"of the task's labels {sorted(answers)}"
+                )
             values["answer"] = answers[label]
         values["options"] = options
         k = rng.randrange(len(spec["templates"]))
         t = spec["templates"][k]
         try:
-            out.append({key: t.get(key, "").format(**values).strip() for key in ("instruction", "input", "output")}
-                       | {"template": k})
+            out.append(
+                {key: t.get(key, "").format(**values).strip() for key in ("instruction", "input", "output")}
+                | {"template": k}
+            )
         except KeyError as err:
-            raise DataError(f"{where}: template {k} uses {{{err.args[0]}}}, which is not a field of the task "
-                            f"({spec['fields']}) nor answer/options") from None
+            raise DataError(
+                f"{where}: template {k} uses {{{err.args[0]}}}, which is not a field of the task "
+                f"({spec['fields']}) nor answer/options"
+            ) from None
     return out

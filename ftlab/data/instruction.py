@@ -67,14 +67,26 @@ class InstructionData(TokenizedData):
         seed: int = 0,
         packing: bool = False,
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         if packing and self.cannot_pack:
             raise ValueError(f"{type(self).__name__} cannot pack: {self.cannot_pack}")
         self.packing_samples = packing
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
         self.template, self.train_on_prompt = template, train_on_prompt
-        self.fields = {k: k for k in ("instruction", "input", "output", "system", "history")} | dict(fields or {})
+        self.fields = {k: k for k in ("instruction", "input", "output", "system", "history")} | dict(
+            fields or {}
+        )
         self.synthetic_train_size, self.synthetic_val_size = synthetic_train_size, synthetic_val_size
 
     def synthetic_rows(self, split: str) -> list[Record]:
@@ -87,12 +99,19 @@ class InstructionData(TokenizedData):
         where = row.get("_where", "?")
         history = row.get(f["history"]) or []
         if not isinstance(history, list) or any(
-            not (isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t)) for t in history
+            not (isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t))
+            for t in history
         ):
-            raise DataError(f"{where}: field {f['history']!r} must be a list of [instruction, response] text pairs")
+            raise DataError(
+                f"{where}: field {f['history']!r} must be a list of [instruction, response] text pairs"
+            )
         prompt = render(
-            self.template, text(row, f["instruction"]), text(row, f["input"], required=False),
-            text(row, f["system"], required=False), [list(t) for t in history], self.tokenizer,
+            self.template,
+            text(row, f["instruction"]),
+            text(row, f["input"], required=False),
+            text(row, f["system"], required=False),
+            [list(t) for t in history],
+            self.tokenizer,
         )
         return prompt, text(row, f["output"])
 
@@ -108,7 +127,7 @@ class InstructionData(TokenizedData):
         return {
             "input_ids": ids[: self.max_length],
             "labels": labels,
-            "prompt_ids": prompt_ids[-self.max_length:],
+            "prompt_ids": prompt_ids[-self.max_length :],
             "reference": response,
             "truncated": len(ids) > self.max_length,
             # position 0 predicts nothing: a sample needs a label after it to have a loss

@@ -58,8 +58,8 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     bare = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
     for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
     return [], []
 
 
@@ -75,8 +75,10 @@ def read_sts(path: str | Path) -> list[Record]:
             if not fields:
                 continue
             if len(fields) < len(STS_COLUMNS):
-                raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, an STS row has at least "
-                                f"{len(STS_COLUMNS)} ({', '.join(STS_COLUMNS)})")
+                raise DataError(
+                    f"{path}:{lineno}: {len(fields)} tab-separated fields, an STS row has at least "
+                    f"{len(STS_COLUMNS)} ({', '.join(STS_COLUMNS)})"
+                )
             rows.append({**dict(zip(STS_COLUMNS, fields)), "_where": f"{path}:{lineno}"})
     return rows
 
@@ -138,7 +140,17 @@ class PairData(TokenizedData):
         mix_format: Literal["auto", "records", "stsb", "nli"] = "auto",
         mix_batch_size: int | None = None,
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         names = (*ROLES, "sentence1", "sentence2", "score", "premise", "hypothesis", "label")
         unknown = set(fields or {}) - set(names)
         if unknown:
@@ -182,7 +194,9 @@ class PairData(TokenizedData):
         if self.format != "auto" or self.source == "synthetic":
             return "records" if self.format == "auto" else self.format
         path = Path(self.source).expanduser()
-        if (path.is_dir() and any(path.glob("sts-*.csv"))) or (path.is_file() and path.name.startswith("sts-")):
+        if (path.is_dir() and any(path.glob("sts-*.csv"))) or (
+            path.is_file() and path.name.startswith("sts-")
+        ):
             return "stsb"
         return "auto"  # decided from the columns of the first row
 
@@ -202,7 +216,11 @@ class PairData(TokenizedData):
             return None
         if fmt == "auto" and rows:
             first, f = rows[0], self.fields
-            fmt = "nli" if f["premise"] in first and f["hypothesis"] in first and f["label"] in first else "records"
+            fmt = (
+                "nli"
+                if f["premise"] in first and f["hypothesis"] in first and f["label"] in first
+                else "records"
+            )
         return self._triplets(rows, split) if fmt == "nli" else [self._pair(r) for r in rows]
 
     def _pair(self, row: Record) -> Record:
@@ -237,9 +255,13 @@ class PairData(TokenizedData):
             label = str(require(row, f["label"])).strip()
             label = NLI_LABEL_IDS.get(label, label)
             if label not in ("entailment", "neutral", "contradiction"):
-                raise DataError(f"{row.get('_where', '?')}: field {f['label']!r} = {label!r} is not "
-                                "entailment, neutral or contradiction (or 0, 1, 2)")
-            groups.setdefault(premise, {"entailment": [], "contradiction": [], "neutral": []})[label].append(hyp)
+                raise DataError(
+                    f"{row.get('_where', '?')}: field {f['label']!r} = {label!r} is not "
+                    "entailment, neutral or contradiction (or 0, 1, 2)"
+                )
+            groups.setdefault(premise, {"entailment": [], "contradiction": [], "neutral": []})[label].append(
+                hyp
+            )
             where.setdefault(premise, row.get("_where", "?"))
         out, skipped = [], 0
         for premise, g in groups.items():
@@ -250,8 +272,12 @@ class PairData(TokenizedData):
                 neg = g["contradiction"][i % len(g["contradiction"])]
                 out.append({"texts": [premise, pos, neg], "score": None, "_where": where[premise]})
         if skipped:
-            log.info("PairData: %s: %d of %d premises lack an entailed or a contradicted hypothesis: skipped",
-                     split, skipped, len(groups))
+            log.info(
+                "PairData: %s: %d of %d premises lack an entailed or a contradicted hypothesis: skipped",
+                split,
+                skipped,
+                len(groups),
+            )
         return out
 
     # ------------------------------------------------------------------ tensors
@@ -277,15 +303,25 @@ class PairData(TokenizedData):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.mix_source and "mix" not in self.splits:
-            other = PairData(self.mix_source, self.tokenizer_name, self.mix_format, self.fields, self.score_range,
-                             self.max_length, max_samples=self.max_samples, seed=self.seed)
+            other = PairData(
+                self.mix_source,
+                self.tokenizer_name,
+                self.mix_format,
+                self.fields,
+                self.score_range,
+                self.max_length,
+                max_samples=self.max_samples,
+                seed=self.seed,
+            )
             self.splits["mix"] = self._encode_all(other.raw_rows("train"), "mix")
         for split, items in self.splits.items():
             shape = _shape(items[0]) if items else None
             odd = next((it for it in items if _shape(it) != shape), None)
             if odd is not None:
-                raise DataError(f"{odd['_where']}: the {split} split mixes pairs, triplets and scored pairs "
-                                f"(this row has {_shape(odd)[1]}, the first has {shape[1]})")
+                raise DataError(
+                    f"{odd['_where']}: the {split} split mixes pairs, triplets and scored pairs "
+                    f"(this row has {_shape(odd)[1]}, the first has {shape[1]})"
+                )
 
     def train_dataloader(self):
         main = super().train_dataloader()
@@ -298,8 +334,13 @@ class PairData(TokenizedData):
             raise DataError(f"PairData: mix_source {self.mix_source} has no training rows")
         # Its own seeded order (seed + 1), split across ranks like the main source's.
         sampler = ResumableSampler(items, self.seed + 1, self.trainer, batch_size)
-        mix = ResumableLoader(items, sampler=sampler, batch_size=batch_size, num_workers=self.num_workers,
-                              collate_fn=partial(self.collate, split="mix"))
+        mix = ResumableLoader(
+            items,
+            sampler=sampler,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=partial(self.collate, split="mix"),
+        )
         return CombinedLoader({"main": main, "mix": mix}, mode="max_size_cycle")
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:

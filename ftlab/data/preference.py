@@ -35,7 +35,10 @@ from ftlab.losses.logprobs import IGNORE
 log = logging.getLogger("ftlab")
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-USER_ROLES, BOT_ROLES = ("human", "user", "prompter"), ("gpt", "assistant", "model", "chatgpt", "bard", "bing")
+USER_ROLES, BOT_ROLES = (
+    ("human", "user", "prompter"),
+    ("gpt", "assistant", "model", "chatgpt", "bard", "bing"),
+)
 
 
 def split_hh(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
@@ -43,14 +46,18 @@ def split_hh(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
     common = os.path.commonprefix([chosen, rejected])
     cut = common.rfind(ASSISTANT)
     if cut < 0:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt: no common "
-                        f"conversation ending in {ASSISTANT!r} (is this hh-rlhf data?)")
+        raise DataError(
+            f"{where}: fields 'chosen' and 'rejected' share no prompt: no common "
+            f"conversation ending in {ASSISTANT!r} (is this hh-rlhf data?)"
+        )
     prompt = common[: cut + len(ASSISTANT)]
-    rest = chosen[len(prompt):], rejected[len(prompt):]
+    rest = chosen[len(prompt) :], rejected[len(prompt) :]
     for field, text in zip(("chosen", "rejected"), rest):
         if HUMAN in text:
-            raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last assistant turn; "
-                            f"{field!r} goes on with another human turn, so they share no prompt")
+            raise DataError(
+                f"{where}: fields 'chosen' and 'rejected' differ before their last assistant turn; "
+                f"{field!r} goes on with another human turn, so they share no prompt"
+            )
     return prompt, rest[0].strip(), rest[1].strip()
 
 
@@ -64,14 +71,17 @@ def render_turns(turns: Any, where: str, field: str = "prompt") -> str:
             raise DataError(f"{where}: field {field}[{i}] must be an object with 'from' and 'value'")
         role = str(turn.get("from", turn.get("role", ""))).lower()
         if role not in USER_ROLES + BOT_ROLES:
-            raise DataError(f"{where}: field {field}[{i}].from = {role!r} is not a known role "
-                            f"({', '.join(USER_ROLES + BOT_ROLES)})")
+            raise DataError(
+                f"{where}: field {field}[{i}].from = {role!r} is not a known role "
+                f"({', '.join(USER_ROLES + BOT_ROLES)})"
+            )
         parts.append(f"{HUMAN if role in USER_ROLES else ASSISTANT} {str(turn['value']).strip()}")
     return "".join(parts) + ASSISTANT
 
 
-def labelstudio_pairs(tasks: list[Record], prompt: str = "prompt", left: str = "answer1",
-                      right: str = "answer2") -> tuple[list[Record], dict[str, int]]:
+def labelstudio_pairs(
+    tasks: list[Record], prompt: str = "prompt", left: str = "answer1", right: str = "answer2"
+) -> tuple[list[Record], dict[str, int]]:
     """Prompt/chosen/rejected records from a Label Studio pairwise export: one per annotation.
 
     ``left`` is the first answer the annotator saw (``selected: left`` prefers it). Cancelled and
@@ -83,13 +93,17 @@ def labelstudio_pairs(tasks: list[Record], prompt: str = "prompt", left: str = "
         where = f"{task.get('_where', '?')} (task {task.get('id', '?')})"
         data = task.get("data")
         if not isinstance(data, dict) or "annotations" not in task:
-            raise DataError(f"{where}: not a Label Studio task (needs 'data' and 'annotations'); "
-                            "export the project as JSON")
+            raise DataError(
+                f"{where}: not a Label Studio task (needs 'data' and 'annotations'); "
+                "export the project as JSON"
+            )
         texts = {}
         for name in (prompt, left, right):
             if data.get(name) is None:
-                raise DataError(f"{where}: missing field 'data.{name}' (task data has {sorted(data)}); "
-                                "set the prompt/left/right field names of this project")
+                raise DataError(
+                    f"{where}: missing field 'data.{name}' (task data has {sorted(data)}); "
+                    "set the prompt/left/right field names of this project"
+                )
             texts[name] = str(data[name])
         labelled = False
         for ann in task["annotations"] or []:
@@ -103,20 +117,27 @@ def labelstudio_pairs(tasks: list[Record], prompt: str = "prompt", left: str = "
             pairwise = [r for r in results if r.get("type") == "pairwise"]
             if not pairwise:
                 kinds = sorted({str(r.get("type")) for r in results})
-                raise DataError(f"{where}: annotation {ann.get('id', '?')} has no 'pairwise' result (result "
-                                f"types: {kinds}); this export is not from a pairwise-comparison template")
+                raise DataError(
+                    f"{where}: annotation {ann.get('id', '?')} has no 'pairwise' result (result "
+                    f"types: {kinds}); this export is not from a pairwise-comparison template"
+                )
             selected = (pairwise[0].get("value") or {}).get("selected")
             if selected not in ("left", "right"):
-                raise DataError(f"{where}: field 'result.value.selected' = {selected!r}, expected 'left' or 'right'")
+                raise DataError(
+                    f"{where}: field 'result.value.selected' = {selected!r}, expected 'left' or 'right'"
+                )
             win, lose = (left, right) if selected == "left" else (right, left)
-            out.append({"prompt": texts[prompt], "chosen": texts[win], "rejected": texts[lose],
-                        "_where": where})
+            out.append(
+                {"prompt": texts[prompt], "chosen": texts[win], "rejected": texts[lose], "_where": where}
+            )
             labelled = True
         counts["unlabelled"] += not labelled
     return out, counts
 
 
-def clean_pairs(rows: list[Record], min_words: int = 5, drop_identical: bool = True) -> tuple[list[Record], dict[str, int]]:
+def clean_pairs(
+    rows: list[Record], min_words: int = 5, drop_identical: bool = True
+) -> tuple[list[Record], dict[str, int]]:
     """Drop pairs with chosen == rejected, then pairs with a side under ``min_words`` words."""
     counts = {"rows": len(rows), "identical": 0, "too_short": 0}
     kept = []
@@ -140,8 +161,9 @@ def response_frame(tokenizer) -> tuple[list[int], list[int]]:
     return head, tail
 
 
-def encode_response(tokenizer, frame: tuple[list[int], list[int]], prompt: str, response: str,
-                    max_length: int) -> tuple[list[int], bool, int]:
+def encode_response(
+    tokenizer, frame: tuple[list[int], list[int]], prompt: str, response: str, max_length: int
+) -> tuple[list[int], bool, int]:
     """Token ids of ``head + prompt + " " + response + tail``, the layout every preference and reward
     model in ftlab reads (a reward model scores policy samples in the layout it was trained on).
 
@@ -153,7 +175,9 @@ def encode_response(tokenizer, frame: tuple[list[int], list[int]], prompt: str, 
     r = tokenizer(" " + response, add_special_tokens=False, verbose=False)["input_ids"]
     room = max_length - len(head) - len(tail)
     if room <= 0:
-        raise ValueError(f"max_length={max_length} leaves no room for tokens between the special tokens {frame}")
+        raise ValueError(
+            f"max_length={max_length} leaves no room for tokens between the special tokens {frame}"
+        )
     if len(p) + len(r) <= room:
         return head + p + r + tail, False, len(head) + len(p)
     keep_r = min(len(r), max(room // 2, room - len(p)))  # the response matters most: it gets ≥ half
@@ -208,7 +232,17 @@ class PreferenceData(TokenizedData):
         synthetic_task: Literal["courtesy", "instructions"] = "courtesy",
         template: str = "alpaca_short",
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         if synthetic_task not in ("courtesy", "instructions"):
             raise ValueError(f"unknown synthetic_task {synthetic_task!r}; use 'courtesy' or 'instructions'")
         if template not in TEMPLATES:
@@ -218,8 +252,14 @@ class PreferenceData(TokenizedData):
         unknown = set(fields or {}) - set(names)
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)} in fields; use {list(names)}")
-        self.fields = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": None,
-                       "left": "answer1", "right": "answer2"} | dict(fields or {})
+        self.fields = {
+            "prompt": "prompt",
+            "chosen": "chosen",
+            "rejected": "rejected",
+            "margin": None,
+            "left": "answer1",
+            "right": "answer2",
+        } | dict(fields or {})
         self.format, self.min_words, self.drop_identical = format, min_words, drop_identical
         self.synthetic_size = synthetic_size
         self.cleaning: dict[str, dict[str, int]] = {}
@@ -231,7 +271,9 @@ class PreferenceData(TokenizedData):
             from ftlab.data.rule_pairs import instruction_pairs
 
             n = self.synthetic_size if split == "train" else max(64, self.synthetic_size // 10)
-            return instruction_pairs(n, self.seed if split == "train" else self.seed + 1_000_003, self.template)
+            return instruction_pairs(
+                n, self.seed if split == "train" else self.seed + 1_000_003, self.template
+            )
         rng = random.Random(f"preference-{self.seed}-{split}")
         kind = ["kind", "helpful", "polite", "clear", "friendly", "careful"]
         rude = ["rude", "useless", "lazy", "wrong", "harsh", "careless"]
@@ -245,8 +287,14 @@ class PreferenceData(TokenizedData):
             pos = rng.randrange(6)
             good.insert(pos, rng.choice(kind))
             bad.insert(pos, rng.choice(rude))
-            rows.append({"prompt": f"Tell me about {word}.", "chosen": f"{word}: " + " ".join(good),
-                         "rejected": f"{word}: " + " ".join(bad), "_where": f"synthetic row {i}"})
+            rows.append(
+                {
+                    "prompt": f"Tell me about {word}.",
+                    "chosen": f"{word}: " + " ".join(good),
+                    "rejected": f"{word}: " + " ".join(bad),
+                    "_where": f"synthetic row {i}",
+                }
+            )
         return rows
 
     def raw_rows(self, split: str) -> list[Record] | None:
@@ -257,9 +305,16 @@ class PreferenceData(TokenizedData):
         """Rows of any pair format -> cleaned ``{prompt, chosen, rejected, margin?, _where}`` pairs."""
         pairs, counts = clean_pairs(self.normalise(rows, split), self.min_words, self.drop_identical)
         self.cleaning[split] = counts
-        log.info("PreferenceData: %s: %d pairs; dropped %d with chosen == rejected, %d with a side under %d "
-                 "words; kept %d", split, counts["rows"], counts["identical"], counts["too_short"],
-                 self.min_words, counts["kept"])
+        log.info(
+            "PreferenceData: %s: %d pairs; dropped %d with chosen == rejected, %d with a side under %d "
+            "words; kept %d",
+            split,
+            counts["rows"],
+            counts["identical"],
+            counts["too_short"],
+            self.min_words,
+            counts["kept"],
+        )
         if not pairs and split == "train":
             raise DataError(f"data source {self.source}: no training pairs left after cleaning ({counts})")
         return pairs
@@ -281,27 +336,43 @@ class PreferenceData(TokenizedData):
         f, fmt = self.fields, self.detect(rows[0])
         if fmt == "labelstudio":
             rows, counts = labelstudio_pairs(rows, f["prompt"], f["left"], f["right"])
-            log.info("PreferenceData: %s: Label Studio export: %d tasks, %d unlabelled, %d cancelled "
-                     "annotations; %d pairs", split, counts["tasks"], counts["unlabelled"], counts["cancelled"], len(rows))
+            log.info(
+                "PreferenceData: %s: Label Studio export: %d tasks, %d unlabelled, %d cancelled "
+                "annotations; %d pairs",
+                split,
+                counts["tasks"],
+                counts["unlabelled"],
+                counts["cancelled"],
+                len(rows),
+            )
             f = {**f, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
         out = []
         for row in rows:
             where = row.get("_where", "?")
             if fmt == "hh":
-                prompt, chosen, rejected = split_hh(str(require(row, f["chosen"])), str(require(row, f["rejected"])), where)
+                prompt, chosen, rejected = split_hh(
+                    str(require(row, f["chosen"])), str(require(row, f["rejected"])), where
+                )
             else:
                 prompt = require(row, f["prompt"])
                 prompt = prompt if isinstance(prompt, str) else render_turns(prompt, where, f["prompt"])
-                chosen, rejected = str(require(row, f["chosen"])).strip(), str(require(row, f["rejected"])).strip()
+                chosen, rejected = (
+                    str(require(row, f["chosen"])).strip(),
+                    str(require(row, f["rejected"])).strip(),
+                )
             if not prompt.strip():
-                raise DataError(f"{where}: field {f['prompt']!r} is empty: a preference pair needs the prompt "
-                                "both responses answer")
+                raise DataError(
+                    f"{where}: field {f['prompt']!r} is empty: a preference pair needs the prompt "
+                    "both responses answer"
+                )
             pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "_where": where}
             if f["margin"]:
                 try:
                     pair["margin"] = float(require(row, f["margin"]))
                 except ValueError:
-                    raise DataError(f"{where}: field {f['margin']!r} = {row[f['margin']]!r} is not a number") from None
+                    raise DataError(
+                        f"{where}: field {f['margin']!r} = {row[f['margin']]!r} is not a number"
+                    ) from None
             out.append(pair)
         return out
 
@@ -314,11 +385,18 @@ class PreferenceData(TokenizedData):
     def encode(self, row: Record) -> dict[str, Any]:
         chosen, cut_c, start_c = self._ids(row["prompt"], row["chosen"])
         rejected, cut_r, start_r = self._ids(row["prompt"], row["rejected"])
-        return {"chosen": chosen, "rejected": rejected, "starts": (start_c, start_r), "margin": row.get("margin"),
-                "truncated": cut_c or cut_r}
+        return {
+            "chosen": chosen,
+            "rejected": rejected,
+            "starts": (start_c, start_r),
+            "margin": row.get("margin"),
+            "truncated": cut_c or cut_r,
+        }
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
-        seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]  # chosen first, then rejected
+        seqs = [it["chosen"] for it in items] + [
+            it["rejected"] for it in items
+        ]  # chosen first, then rejected
         starts = [it["starts"][0] for it in items] + [it["starts"][1] for it in items]
         batch = {
             "input_ids": pad(seqs, self.tokenizer.pad_token_id),  # (2B, T)

@@ -80,9 +80,21 @@ class PromptData(TokenizedData):
         synthetic_task: Literal["continuation", "instructions"] = "continuation",
         template: str = "alpaca_short",
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         if synthetic_task not in ("continuation", "instructions"):
-            raise ValueError(f"unknown synthetic_task {synthetic_task!r}; use 'continuation' or 'instructions'")
+            raise ValueError(
+                f"unknown synthetic_task {synthetic_task!r}; use 'continuation' or 'instructions'"
+            )
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
         self.field, self.synthetic_size = field, synthetic_size
@@ -94,7 +106,10 @@ class PromptData(TokenizedData):
         n = self.synthetic_size if split == "train" else max(32, self.synthetic_size // 10)
         seed = self.seed if split == "train" else self.seed + 1_000_003
         if self.synthetic_task == "instructions":
-            prompts = [render(self.template, r["instruction"], r["input"]) for r in synthetic.instruction_rows(n, seed)]
+            prompts = [
+                render(self.template, r["instruction"], r["input"])
+                for r in synthetic.instruction_rows(n, seed)
+            ]
         else:
             prompts = synthetic_prompts(n, seed)
         return [{self.field: p, "_where": f"synthetic prompt {i}"} for i, p in enumerate(prompts)]
@@ -102,18 +117,30 @@ class PromptData(TokenizedData):
     def raw_rows(self, split: str) -> list[Record] | None:
         if split == "validation" and self.val_source and _is_txt(self.val_source):
             rows = _read_lines(self.val_source, self.field)
-        elif self.source != "synthetic" and _is_txt(self.source) and not (split == "validation" and self.val_source):
-            rows = _read_lines(self.source, self.field) if split == "train" else None  # a file is the train split
+        elif (
+            self.source != "synthetic"
+            and _is_txt(self.source)
+            and not (split == "validation" and self.val_source)
+        ):
+            rows = (
+                _read_lines(self.source, self.field) if split == "train" else None
+            )  # a file is the train split
         else:
             rows = super().raw_rows(split)
         if rows is None:
             return None
         for row in rows:
             prompt = require(row, self.field)
-            prompt = render_turns(prompt, row.get("_where", "?"), self.field) if isinstance(prompt, list) else str(prompt)
+            prompt = (
+                render_turns(prompt, row.get("_where", "?"), self.field)
+                if isinstance(prompt, list)
+                else str(prompt)
+            )
             row[self.field] = prompt
             if not prompt.strip():
-                raise DataError(f"{row.get('_where', '?')}: field {self.field!r} is empty: every row needs a prompt")
+                raise DataError(
+                    f"{row.get('_where', '?')}: field {self.field!r} is empty: every row needs a prompt"
+                )
         if not rows and split == "train":
             raise DataError(f"PromptData: no prompts in {self.source}: the prompt set is empty")
         return rows
@@ -130,7 +157,9 @@ class PromptData(TokenizedData):
         if truncated:
             keep = self.max_length - len(head)
             if keep <= 0:
-                raise ValueError(f"PromptData: max_length={self.max_length} leaves no room for a prompt token")
+                raise ValueError(
+                    f"PromptData: max_length={self.max_length} leaves no room for a prompt token"
+                )
             ids = head + ids[-keep:]
         return {"input_ids": ids, "prompt": prompt, "truncated": truncated}
 
@@ -155,4 +184,6 @@ def _read_lines(path: str, field: str) -> list[Record]:
         raise DataError(f"data file {file} does not exist")
     opener = gzip.open if file.suffix == ".gz" else open
     with opener(file, "rt", encoding="utf-8") as f:
-        return [{field: line.rstrip("\n"), "_where": f"{file}:{i}"} for i, line in enumerate(f, 1) if line.strip()]
+        return [
+            {field: line.rstrip("\n"), "_where": f"{file}:{i}"} for i, line in enumerate(f, 1) if line.strip()
+        ]

@@ -18,17 +18,23 @@ from ftlab.data.templates import render
 def wrong_answer(task: str, inp: str, answer: str, rng: random.Random) -> str:
     """A plausible wrong answer to one of the embedded instruction tasks (``ftlab.data.synthetic``):
     the mistakes a person grading the task would mark wrong, never the right answer itself."""
+
     def typo(text: str) -> str:
         i = rng.randrange(len(text))
         pool = "0123456789" if text[i].isdigit() else (CONSONANTS + VOWELS)
         letter = rng.choice([c for c in pool if c != text[i].lower()])
-        return text[:i] + (letter.upper() if text[i].isupper() else letter) + text[i + 1:]
+        return text[:i] + (letter.upper() if text[i].isupper() else letter) + text[i + 1 :]
 
     word = inp
     if task == "add":
         a, b = (int(x) for x in inp.split(" + "))
         total = a + b
-        options = [str(total + rng.choice([-10, -2, -1, 1, 2, 10])), str(a) + str(b), str(max(a, b)), typo(answer)]
+        options = [
+            str(total + rng.choice([-10, -2, -1, 1, 2, 10])),
+            str(a) + str(b),
+            str(max(a, b)),
+            typo(answer),
+        ]
     else:
         options = {
             "reverse": [word, typo(answer), answer[1:], answer.upper()],
@@ -50,7 +56,12 @@ def instruction_pairs(n: int, seed: int = 0, template: str = "alpaca_short") -> 
     rows = []
     for i, row in enumerate(instruction_rows(n, seed)):
         prompt = render(template, row["instruction"], row["input"])
-        rows.append({"prompt": prompt, "chosen": row["output"],
-                     "rejected": wrong_answer(row["task"], row["input"], row["output"], rng),
-                     "_where": f"synthetic instruction pair {i}"})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": row["output"],
+                "rejected": wrong_answer(row["task"], row["input"], row["output"], rng),
+                "_where": f"synthetic instruction pair {i}",
+            }
+        )
     return rows

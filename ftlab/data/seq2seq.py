@@ -22,8 +22,10 @@ class Seq2SeqData(InstructionData):
     """Alpaca-style instructions as source -> target pairs (arguments as for ``InstructionData``;
     ``max_length`` caps the source and the target each, and ``train_on_prompt`` does not apply)."""
 
-    cannot_pack = ("T5 and BART take no position_ids, so transformers cannot mask packed samples apart; "
-                   "set packing false")
+    cannot_pack = (
+        "T5 and BART take no position_ids, so transformers cannot mask packed samples apart; "
+        "set packing false"
+    )
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         tok = self.tokenizer

@@ -12,7 +12,11 @@ from typing import Any
 
 from ftlab.data._io import DataError, Record
 
-USER, ASSISTANT, SYSTEM = ("human", "user", "prompter"), ("gpt", "assistant", "model", "chatgpt", "bard", "bing"), ("system",)
+USER, ASSISTANT, SYSTEM = (
+    ("human", "user", "prompter"),
+    ("gpt", "assistant", "model", "chatgpt", "bard", "bing"),
+    ("system",),
+)
 
 
 def conversation_to_instruction(row: Record, field: str = "conversations") -> Record | None:
@@ -20,13 +24,23 @@ def conversation_to_instruction(row: Record, field: str = "conversations") -> Re
     where = row.get("_where", "?")
     turns = row.get(field)
     if not isinstance(turns, list):
-        raise DataError(f"{where}: missing field {field!r} (a list of turns); row has {[k for k in row if k != '_where']}")
+        raise DataError(
+            f"{where}: missing field {field!r} (a list of turns); row has {[k for k in row if k != '_where']}"
+        )
     roles: list[tuple[str, str]] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "value" not in turn:
             raise DataError(f"{where}: field {field}[{i}] must be an object with 'from' and 'value'")
         who = str(turn.get("from", turn.get("role", ""))).lower()
-        role = "user" if who in USER else "assistant" if who in ASSISTANT else "system" if who in SYSTEM else None
+        role = (
+            "user"
+            if who in USER
+            else "assistant"
+            if who in ASSISTANT
+            else "system"
+            if who in SYSTEM
+            else None
+        )
         if role is None:
             raise DataError(f"{where}: field {field}[{i}].from = {who!r} is not a known role")
         roles.append((role, str(turn["value"])))
@@ -39,9 +53,16 @@ def conversation_to_instruction(row: Record, field: str = "conversations") -> Re
         return None
     for i, (role, _) in enumerate(roles):
         if role != ("user" if i % 2 == 0 else "assistant"):
-            raise DataError(f"{where}: field {field}: turn {i} is {role!r}; turns must alternate user, assistant")
+            raise DataError(
+                f"{where}: field {field}: turn {i} is {role!r}; turns must alternate user, assistant"
+            )
     pairs = [[roles[i][1], roles[i + 1][1]] for i in range(0, len(roles), 2)]
-    out: dict[str, Any] = {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1], "history": pairs[:-1]}
+    out: dict[str, Any] = {
+        "instruction": pairs[-1][0],
+        "input": "",
+        "output": pairs[-1][1],
+        "history": pairs[:-1],
+    }
     if system:
         out["system"] = system
     if "id" in row:

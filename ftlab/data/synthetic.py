@@ -9,9 +9,10 @@ Four skills on short made-up words and small numbers:
 
 ``instruction_rows`` gives them in Alpaca form (instruction / input / output). ``corpus_documents``
 states the same skills as plain sentences in several phrasings ("tomel backwards is lemot.",
-"The sum of 17 and 25 is 42.") with no instruction template: the text ``tiny-llama`` is pretrained on. Fine-tuning then has to teach the model to
-follow the Alpaca format, which it has never seen, using skills it already has — the situation
-instruction tuning is for. Words are drawn from disjoint seeds, so evaluation words are new.
+"The sum of 17 and 25 is 42.") with no instruction template: the text ``tiny-llama`` is pretrained
+on. Fine-tuning then has to teach the model to follow the Alpaca format, which it has never seen,
+using skills it already has — the situation instruction tuning is for. Words are drawn from
+disjoint seeds, so evaluation words are new.
 """
 
 from __future__ import annotations
@@ -63,14 +64,27 @@ def instruction_rows(n: int, seed: int = 0, tasks: list[str] | None = None) -> l
 # Several phrasings per skill, with different gaps between the word and its answer, so the
 # pretrained model knows each skill by what it means, not by where the answer sits.
 _SENTENCES = {
-    "reverse": ["{x} backwards is {y}.", "The reverse of {x} is {y}.", "If you reverse {x} you get {y}.",
-                "{x} read from right to left:\n{y}", "Spelled backwards, {x} becomes {y}."],
-    "upper": ["{x} in capitals is {y}.", "Capitalised, {x} is written {y}.", "{x} in upper case:\n{y}",
-              "The capital form of {x} is {y}."],
-    "add": ["{a} plus {b} makes {y}.", "The sum of {a} and {b} is {y}.", "{a} + {b} = {y}",
-            "Adding {a} and {b}:\n{y}", "{a} and {b} add up to {y}."],
-    "repeat": ["{x} said twice is {y}.", "Say {x} two times: {y}.", "{x} doubled:\n{y}",
-               "Twice {x} is {y}."],
+    "reverse": [
+        "{x} backwards is {y}.",
+        "The reverse of {x} is {y}.",
+        "If you reverse {x} you get {y}.",
+        "{x} read from right to left:\n{y}",
+        "Spelled backwards, {x} becomes {y}.",
+    ],
+    "upper": [
+        "{x} in capitals is {y}.",
+        "Capitalised, {x} is written {y}.",
+        "{x} in upper case:\n{y}",
+        "The capital form of {x} is {y}.",
+    ],
+    "add": [
+        "{a} plus {b} makes {y}.",
+        "The sum of {a} and {b} is {y}.",
+        "{a} + {b} = {y}",
+        "Adding {a} and {b}:\n{y}",
+        "{a} and {b} add up to {y}.",
+    ],
+    "repeat": ["{x} said twice is {y}.", "Say {x} two times: {y}.", "{x} doubled:\n{y}", "Twice {x} is {y}."],
 }
 
 

@@ -16,7 +16,10 @@ _PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
-_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
 
 
 def _turn(instruction: str, inp: str) -> str:
@@ -26,8 +29,12 @@ def _turn(instruction: str, inp: str) -> str:
 
 
 def render(
-    template: str, instruction: str, inp: str = "", system: str = "",
-    history: list[list[str]] | None = None, tokenizer: Any = None,
+    template: str,
+    instruction: str,
+    inp: str = "",
+    system: str = "",
+    history: list[list[str]] | None = None,
+    tokenizer: Any = None,
 ) -> str:
     """The prompt text; the model is trained to continue it with the response."""
     history = history or []
@@ -39,7 +46,9 @@ def render(
         return head + turns + _turn(instruction, inp)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat template; use 'alpaca' for this backbone")
+            raise ValueError(
+                "template 'chat' needs a tokenizer with a chat template; use 'alpaca' for this backbone"
+            )
         messages = [{"role": "system", "content": system}] if system else []
         for q, a in history:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -57,7 +57,17 @@ class TextData(TokenizedData):
         max_samples: int | None = None,
         seed: int = 0,
     ):
-        super().__init__(source, tokenizer, max_length, batch_size, num_workers, val_source, val_fraction, max_samples, seed)
+        super().__init__(
+            source,
+            tokenizer,
+            max_length,
+            batch_size,
+            num_workers,
+            val_source,
+            val_fraction,
+            max_samples,
+            seed,
+        )
         if packing not in (False, True, "stream", "samples"):
             raise ValueError(f"packing must be false, true, 'stream' or 'samples', got {packing!r}")
         self.text_field, self.synthetic_size = text_field, synthetic_size
@@ -67,7 +77,10 @@ class TextData(TokenizedData):
     def synthetic_rows(self, split: str) -> list[Record]:
         n = self.synthetic_size if split == "train" else max(1, int(self.synthetic_size * self.val_fraction))
         seed = self.seed if split == "train" else self.seed + 1_000_003
-        return [{"text": t, "_where": f"synthetic corpus doc {i}"} for i, t in enumerate(synthetic.corpus_documents(n, seed))]
+        return [
+            {"text": t, "_where": f"synthetic corpus doc {i}"}
+            for i, t in enumerate(synthetic.corpus_documents(n, seed))
+        ]
 
     def encode(self, row: Record) -> dict[str, Any]:
         tok = self.tokenizer
@@ -83,7 +96,9 @@ class TextData(TokenizedData):
                 stream = [t for it in items for t in it["input_ids"]]
                 n = self.max_length
                 full = [{"input_ids": stream[i : i + n]} for i in range(0, len(stream) - n + 1, n)]
-                self.splits[split] = full or ([{"input_ids": stream}] if stream else [])  # keep a lone short block
+                self.splits[split] = full or (
+                    [{"input_ids": stream}] if stream else []
+                )  # keep a lone short block
 
     def collate(self, items: list[dict[str, Any]], split: str) -> dict[str, Any]:
         ids = pad([it["input_ids"] for it in items], self.tokenizer.pad_token_id)

@@ -1,6 +1,7 @@
 """``ftlab data ...``: data tools that write files for the DataModules to read.
 
-    ftlab data rouge-filter --input alpaca.json --output diverse.jsonl [--threshold 0.7] [--against seeds.jsonl]
+    ftlab data rouge-filter --input alpaca.json --output diverse.jsonl [--threshold 0.7]
+                            [--against seeds.jsonl]
     ftlab data flan --input sst2/train.tsv --task sentiment --output sst2_instructions.jsonl [--seed 0]
     ftlab data sharegpt --input conversations.json --output instructions.jsonl
     ftlab data labelstudio --input export.json --output pairs.jsonl
@@ -22,8 +23,10 @@ SHARED = "../shared/data"
 
 def _read(path: str) -> list[Record]:
     if not Path(path).exists() and path.startswith(SHARED):
-        raise DataError(f"data file {path} does not exist (the shared data folder is expected beside the "
-                        "repository; pass --input)")
+        raise DataError(
+            f"data file {path} does not exist (the shared data folder is expected beside the "
+            "repository; pass --input)"
+        )
     if Path(path).name.startswith("sts-"):  # STS Benchmark: tab-separated, no header (see pairs.read_sts)
         from ftlab.data.pairs import read_sts
 
@@ -55,8 +58,10 @@ def _check_output(args: argparse.Namespace) -> None:
     for name in ("input", "against"):
         source = getattr(args, name, None)
         if out and source and Path(out).exists() and Path(source).exists() and Path(out).samefile(source):
-            raise DataError(f"--output {out} is the --{name} file; write the result to another file "
-                            "(the input would be replaced)")
+            raise DataError(
+                f"--output {out} is the --{name} file; write the result to another file "
+                "(the input would be replaced)"
+            )
 
 
 def _field_map(pairs: list[str] | None) -> dict[str, str]:
@@ -81,9 +86,12 @@ def rouge_filter_cmd(args: argparse.Namespace) -> None:
     kept, stats = rouge_filter(texts, args.threshold, pool)
     if args.output:
         write_records([rows[i] for i in kept], args.output)
-    print(f"rouge-filter: kept {stats['kept']} of {stats['rows']} rows (ROUGE-L < {args.threshold} against "
-          f"{len(pool)} pool + earlier kept rows) in {stats['seconds']:.2f} s; exact LCS on {stats['exact']:,} of "
-          f"{stats['pairs']:,} pairs" + (f"; wrote {args.output}" if args.output else ""))
+    print(
+        f"rouge-filter: kept {stats['kept']} of {stats['rows']} rows (ROUGE-L < {args.threshold} against "
+        f"{len(pool)} pool + earlier kept rows) in {stats['seconds']:.2f} s; exact LCS on "
+        f"{stats['exact']:,} of "
+        f"{stats['pairs']:,} pairs" + (f"; wrote {args.output}" if args.output else "")
+    )
 
 
 def flan_cmd(args: argparse.Namespace) -> None:
@@ -93,7 +101,9 @@ def flan_cmd(args: argparse.Namespace) -> None:
     out = apply_templates(rows, args.task, seed=args.seed, fields=_field_map(args.field))
     write_records(out, args.output)
     used = len({r["template"] for r in out})
-    print(f"flan: {len(out)} instruction records from {args.input} ({used} templates used); wrote {args.output}")
+    print(
+        f"flan: {len(out)} instruction records from {args.input} ({used} templates used); wrote {args.output}"
+    )
 
 
 def sharegpt_cmd(args: argparse.Namespace) -> None:
@@ -102,8 +112,10 @@ def sharegpt_cmd(args: argparse.Namespace) -> None:
     out, empty = sharegpt_to_instructions(_read(args.input), args.conversations_field)
     write_records(out, args.output)
     turns = sum(len(r["history"]) for r in out)
-    print(f"sharegpt: {len(out)} instruction records ({turns} history turns; {empty} conversations without a "
-          f"complete exchange skipped); wrote {args.output}")
+    print(
+        f"sharegpt: {len(out)} instruction records ({turns} history turns; {empty} conversations without a "
+        f"complete exchange skipped); wrote {args.output}"
+    )
 
 
 def labelstudio_cmd(args: argparse.Namespace) -> None:
@@ -111,19 +123,27 @@ def labelstudio_cmd(args: argparse.Namespace) -> None:
 
     out, counts = labelstudio_pairs(_read(args.input), args.prompt_field, args.left_field, args.right_field)
     write_records(out, args.output)
-    print(f"labelstudio: {len(out)} preference pairs from {counts['tasks']} tasks ({counts['unlabelled']} "
-          f"unlabelled, {counts['cancelled']} cancelled annotations); wrote {args.output}")
+    print(
+        f"labelstudio: {len(out)} preference pairs from {counts['tasks']} tasks ({counts['unlabelled']} "
+        f"unlabelled, {counts['cancelled']} cancelled annotations); wrote {args.output}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftlab data", description="Data tools: filtering and format conversion.")
+    parser = argparse.ArgumentParser(
+        prog="ftlab data", description="Data tools: filtering and format conversion."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("rouge-filter", help="Self-Instruct ROUGE-L diversity filter")
-    p.add_argument("--input", default=f"{SHARED}/alpaca_5000_subset/alpaca_5000.json", help="records to filter")
+    p.add_argument(
+        "--input", default=f"{SHARED}/alpaca_5000_subset/alpaca_5000.json", help="records to filter"
+    )
     p.add_argument("--output", help="where to write the kept records (omit to only count)")
     p.add_argument("--field", default="instruction", help="the text field compared")
-    p.add_argument("--threshold", type=float, default=0.7, help="keep a row only if every ROUGE-L F is below this")
+    p.add_argument(
+        "--threshold", type=float, default=0.7, help="keep a row only if every ROUGE-L F is below this"
+    )
     p.add_argument("--against", help="records every row is also compared with (e.g. seed tasks), not written")
     p.set_defaults(run=rouge_filter_cmd)
 
@@ -131,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="task rows (e.g. a classification tsv)")
     p.add_argument("--output", required=True)
     p.add_argument("--task", required=True, help="sentiment, nli, similarity, or a JSON file of templates")
-    p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="map a task field to a column (repeat)")
+    p.add_argument(
+        "--field", action="append", metavar="NAME=COLUMN", help="map a task field to a column (repeat)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the per-example template choice")
     p.set_defaults(run=flan_cmd)
 

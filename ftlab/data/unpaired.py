@@ -13,7 +13,8 @@ A batch holds ``input_ids``, ``attention_mask`` and ``labels`` (response tokens)
 ``desirable`` (B,) bool, and KTO's mismatched examples ``kl_input_ids``, ``kl_attention_mask``,
 ``kl_labels`` (B, T'): example i's prompt with the response of example i + 1 of its split (fixed
 when the data is read, so a precomputed reference covers them), from which the objective
-estimates how far the policy has moved on responses that were not written for the prompt. Training data with only one label is an error: KTO learns from the contrast.
+estimates how far the policy has moved on responses that were not written for the prompt.
+Training data with only one label is an error: KTO learns from the contrast.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def parse_label(value: Any, where: str, field: str = "label") -> bool:
     text = str(value).strip().lower()
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    raise DataError(f"{where}: field {field!r} = {value!r} is not a label; use true/false, 1/0, "
-                    "desirable/undesirable or good/bad")
+    raise DataError(
+        f"{where}: field {field!r} = {value!r} is not a label; use true/false, 1/0, "
+        "desirable/undesirable or good/bad"
+    )
 
 
 def pairs_to_unpaired(pairs: list[Record]) -> list[Record]:
@@ -104,10 +107,22 @@ class UnpairedPreferenceData(PreferenceData):
         fields = dict(fields or {})
         own = {"completion": fields.pop("completion", "completion"), "label": fields.pop("label", "label")}
         super().__init__(
-            source=source, tokenizer=tokenizer, format="auto" if format == "unpaired" else format, fields=fields,
-            min_words=min_words, drop_identical=drop_identical, max_length=max_length, batch_size=batch_size,
-            num_workers=num_workers, val_source=val_source, val_fraction=val_fraction, max_samples=max_samples,
-            seed=seed, synthetic_size=synthetic_size, synthetic_task=synthetic_task, template=template,
+            source=source,
+            tokenizer=tokenizer,
+            format="auto" if format == "unpaired" else format,
+            fields=fields,
+            min_words=min_words,
+            drop_identical=drop_identical,
+            max_length=max_length,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_source=val_source,
+            val_fraction=val_fraction,
+            max_samples=max_samples,
+            seed=seed,
+            synthetic_size=synthetic_size,
+            synthetic_task=synthetic_task,
+            template=template,
         )
         self.fields.update(own)
         self.unpaired_format = format
@@ -120,7 +135,11 @@ class UnpairedPreferenceData(PreferenceData):
             return None
         f = self.fields
         unpaired = self.unpaired_format == "unpaired" or (
-            self.unpaired_format == "auto" and bool(rows) and f["completion"] in rows[0] and f["label"] in rows[0])
+            self.unpaired_format == "auto"
+            and bool(rows)
+            and f["completion"] in rows[0]
+            and f["label"] in rows[0]
+        )
         examples = self._unpaired(rows) if unpaired else pairs_to_unpaired(self.pairs(rows, split))
         if split == "train":  # the two examples of a pair need not sit side by side
             random.Random(self.seed).shuffle(examples)
@@ -128,11 +147,18 @@ class UnpairedPreferenceData(PreferenceData):
             ex["mismatched"] = examples[(i + 1) % len(examples)]["completion"]
         good = sum(e["label"] for e in examples)
         self.counts[split] = {"desirable": good, "undesirable": len(examples) - good}
-        log.info("UnpairedPreferenceData: %s: %d desirable, %d undesirable examples", split, good, len(examples) - good)
+        log.info(
+            "UnpairedPreferenceData: %s: %d desirable, %d undesirable examples",
+            split,
+            good,
+            len(examples) - good,
+        )
         if split == "train" and examples and good in (0, len(examples)):
             kind = "desirable" if good else "undesirable"
-            raise DataError(f"data source {self.source}: all {len(examples)} training examples are {kind}; KTO "
-                            "learns from desirable and undesirable examples together: add the other label")
+            raise DataError(
+                f"data source {self.source}: all {len(examples)} training examples are {kind}; KTO "
+                "learns from desirable and undesirable examples together: add the other label"
+            )
         return examples
 
     def _unpaired(self, rows: list[Record]) -> list[Record]:
@@ -142,9 +168,17 @@ class UnpairedPreferenceData(PreferenceData):
             prompt = require(row, f["prompt"])
             prompt = prompt if isinstance(prompt, str) else render_turns(prompt, where, f["prompt"])
             if not prompt.strip():
-                raise DataError(f"{where}: field {f['prompt']!r} is empty: an example needs the prompt it answers")
-            out.append({"prompt": prompt, "completion": str(require(row, f["completion"])).strip(),
-                        "label": parse_label(require(row, f["label"]), where, f["label"]), "_where": where})
+                raise DataError(
+                    f"{where}: field {f['prompt']!r} is empty: an example needs the prompt it answers"
+                )
+            out.append(
+                {
+                    "prompt": prompt,
+                    "completion": str(require(row, f["completion"])).strip(),
+                    "label": parse_label(require(row, f["label"]), where, f["label"]),
+                    "_where": where,
+                }
+            )
         return out
 
     # ------------------------------------------------------------------ tensors
@@ -154,10 +188,17 @@ class UnpairedPreferenceData(PreferenceData):
             self._frame = response_frame(tok)
         prompt = tok(row["prompt"], add_special_tokens=False, verbose=False)["input_ids"]
         response = tok(" " + row["completion"], add_special_tokens=False, verbose=False)["input_ids"]
-        other = tok(" " + row.get("mismatched", row["completion"]), add_special_tokens=False, verbose=False)["input_ids"]
+        other = tok(" " + row.get("mismatched", row["completion"]), add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
         framed = len(prompt) + len(response) + len(self._frame[0]) + len(self._frame[1])
-        return {"prompt": prompt, "response": response, "mismatched": other, "desirable": bool(row["label"]),
-                "truncated": framed > self.max_length}
+        return {
+            "prompt": prompt,
+            "response": response,
+            "mismatched": other,
+            "desirable": bool(row["label"]),
+            "truncated": framed > self.max_length,
+        }
 
     def _join(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
         """ids and labels of ``head + prompt + response + tail`` within ``max_length``: the response

@@ -68,7 +68,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]  # (C, H), (C,)
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]  # (C, H), (C,)
             z, factor = _chunk_logits(h, weight, bias, scale, softcap, 1.0)
             lse = torch.logsumexp(z, dim=-1)  # (C,)
             total += (lse - z.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
@@ -81,7 +81,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_b += g.sum(0)
             g = g.to(weight.dtype)  # the plain path casts the logits' gradient back to the compute dtype too
             if need_h:
-                grad_h[start:start + chunk] = g @ weight  # (C, H)
+                grad_h[start : start + chunk] = g @ weight  # (C, H)
             if need_w:
                 grad_w.addmm_(g.T, h)  # (V, H)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -104,9 +104,9 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)
         for start in range(0, hidden.size(0), chunk):
-            z, _ = _chunk_logits(hidden[start:start + chunk], weight, bias, scale, softcap, temperature)
-            lse[start:start + chunk] = torch.logsumexp(z, dim=-1)
-            out[start:start + chunk] = z.gather(1, targets[start:start + chunk].unsqueeze(1)).squeeze(1)
+            z, _ = _chunk_logits(hidden[start : start + chunk], weight, bias, scale, softcap, temperature)
+            lse[start : start + chunk] = torch.logsumexp(z, dim=-1)
+            out[start : start + chunk] = z.gather(1, targets[start : start + chunk].unsqueeze(1)).squeeze(1)
         out -= lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.config = (scale, softcap, temperature, chunk)
@@ -142,8 +142,15 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
 
 
 def chunked_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None, *,
-    temperature: float = 1.0, scale: float = 1.0, softcap: float | None = None, chunk_size: int | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """log p(token) from hidden states: (B, R, H), (V, H), (B, R) -> (B, R), in fp32.
 
@@ -162,16 +169,30 @@ def chunked_token_logprobs(
     shape = tokens.shape
     chunk = chunk_size or default_chunk_size(weight.size(0))
     out = _ChunkedLinearLogProbs.apply(
-        hidden.reshape(-1, hidden.size(-1)), weight, bias, tokens.reshape(-1), float(scale), softcap,
-        float(temperature), chunk,
+        hidden.reshape(-1, hidden.size(-1)),
+        weight,
+        bias,
+        tokens.reshape(-1),
+        float(scale),
+        softcap,
+        float(temperature),
+        chunk,
     )
     return out.view(shape)
 
 
 def chunked_lm_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None, *,
-    scale: float = 1.0, softcap: float | None = None, chunk_size: int | None = None,
-    reduction: Literal["mean", "sum"] = "mean", shift: bool = True, liger: bool = False,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    shift: bool = True,
+    liger: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy over positions whose label is not ``-100``, from hidden states.
 
@@ -194,8 +215,9 @@ def chunked_lm_loss(
     keep = labels != IGNORE
     h, y = hidden[keep], labels[keep]  # (N, H), (N,)
     if liger and h.is_cuda and scale == 1.0 and (fused := _liger()) is not None:
-        total = fused(input=h, weight=weight, target=y, bias=bias, ignore_index=IGNORE, reduction="sum",
-                      softcap=softcap)
+        total = fused(
+            input=h, weight=weight, target=y, bias=bias, ignore_index=IGNORE, reduction="sum", softcap=softcap
+        )
         total = (total[0] if isinstance(total, tuple) else total).float()
     else:
         chunk = chunk_size or default_chunk_size(weight.size(0))

@@ -24,8 +24,9 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-def _false_negatives(col_ids: torch.Tensor | None, row_ids: torch.Tensor | None, B: int,
-                     device: torch.device) -> torch.Tensor | None:
+def _false_negatives(
+    col_ids: torch.Tensor | None, row_ids: torch.Tensor | None, B: int, device: torch.device
+) -> torch.Tensor | None:
     """(B, B) mask of in-batch columns to leave out of row i's softmax denominator.
 
     Column j (j != i) goes when it is row i's own target text again (same ``col_ids``) or pair j

@@ -24,8 +24,10 @@ LossType = Literal["sigmoid", "ipo"]
 
 
 def dpo_logits(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
 ) -> torch.Tensor:
     """``h``: the policy's chosen-minus-rejected log-ratio gap relative to the reference's.
 
@@ -35,9 +37,13 @@ def dpo_logits(
 
 
 def dpo_loss(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-    beta: float = 0.1, loss_type: LossType = "sigmoid", label_smoothing: float = 0.0,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean DPO (``sigmoid``) or IPO (``ipo``) loss over the batch.
 
@@ -65,8 +71,11 @@ def dpo_loss(
 
 
 def implicit_rewards(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float = 0.1,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``β (log π − log π_ref)`` of the chosen and of the rejected responses: (B,) each, detached."""
     chosen = beta * (policy_chosen.float() - ref_chosen.float()).detach()

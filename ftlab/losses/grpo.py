@@ -30,11 +30,15 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 2:
         raise ValueError(f"a group baseline needs group_size >= 2 samples per prompt, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (N,) with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be (N,) with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
     return rewards.float().view(-1, group_size)  # (P, G)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """GRPO: each reward minus its group's mean, divided by the group's std when ``scale``.
 
     (N,) rewards with N = prompts × group_size, grouped contiguously -> (N,) advantages. A group
@@ -79,8 +83,12 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token") -
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    cliprange: float = 0.2, how: Aggregation = "token",
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    how: Aggregation = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate with one advantage per response.
 

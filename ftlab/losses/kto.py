@@ -25,8 +25,13 @@ def kto_reference_point(policy_mismatched: torch.Tensor, ref_mismatched: torch.T
 
 
 def kto_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor | float,
-    beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    reference_point: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean KTO loss over a batch of labelled examples.
 

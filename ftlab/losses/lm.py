@@ -11,7 +11,9 @@ IGNORE = -100
 
 
 def masked_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
     """Next-token cross-entropy over positions whose label is not ``-100``: their mean (or sum).
 

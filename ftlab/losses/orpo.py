@@ -32,7 +32,9 @@ def log_odds_ratio(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor
 
 
 def orpo_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, lam: float = 0.1,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    lam: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean ORPO loss.
 

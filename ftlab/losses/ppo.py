@@ -38,7 +38,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """``(x − mean) / sqrt(var + eps)`` over unmasked positions (mean added back unless ``shift_mean``).
 
     (B, R) -> (B, R); masked positions come back as 0. Whitening advantages keeps the policy
@@ -60,7 +62,11 @@ def clip_rewards(scores: torch.Tensor, cliprange_reward: float | None) -> torch.
 
 
 def kl_penalty_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: ``−kl_coef · KL_t`` everywhere, plus the sequence score on the last real token.
 
@@ -85,7 +91,11 @@ def kl_penalty_rewards(
 
 # ---------------------------------------------------------------------------------- advantages
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al., 2016, arXiv:1506.02438).
 
@@ -113,7 +123,10 @@ def gae(
 
 # ---------------------------------------------------------------------------------- losses
 def ppo_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
     cliprange: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate objective.
@@ -139,7 +152,10 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
     cliprange_value: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: the new value may not move more than ``cliprange_value`` from the old.

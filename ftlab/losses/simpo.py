@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 
 def simpo_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean SimPO loss.
 

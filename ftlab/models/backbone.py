@@ -34,17 +34,44 @@ Kind = Literal["causal_lm", "encoder", "sequence_classification", "seq2seq_lm"]
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 _TINY_LLAMA = dict(
-    model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    model_type="llama",
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    pad_token_id=256,
+    bos_token_id=257,
+    eos_token_id=258,
 )
 _TINY_GPT2 = dict(
-    model_type="gpt2", vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-    pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    model_type="gpt2",
+    vocab_size=VOCAB_SIZE,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=512,
+    pad_token_id=256,
+    bos_token_id=257,
+    eos_token_id=258,
 )
 _TINY_T5 = dict(
-    model_type="t5", vocab_size=VOCAB_SIZE, d_model=128, d_ff=384, num_layers=2, num_decoder_layers=2, num_heads=4,
-    d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=True, pad_token_id=256, eos_token_id=258,
+    model_type="t5",
+    vocab_size=VOCAB_SIZE,
+    d_model=128,
+    d_ff=384,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    d_kv=32,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=True,
+    pad_token_id=256,
+    eos_token_id=258,
     decoder_start_token_id=256,
 )
 #: Presets built from a config in code (random init, except tiny-llama's own pretrained weights).
@@ -54,8 +81,9 @@ PRESETS = (*_BUILT, "minilm")
 
 #: What to use instead when a backbone has no form of the kind an objective needs.
 KIND_HINTS = {
-    "causal_lm": "encoders (BERT, RoBERTa, DeBERTa...) train with SequenceClassifier, Contrastive or RewardModel, "
-                 "encoder-decoders (T5, BART) with Seq2SeqLM",
+    "causal_lm": "encoders (BERT, RoBERTa, DeBERTa...) train with SequenceClassifier, Contrastive or "
+    "RewardModel, "
+    "encoder-decoders (T5, BART) with Seq2SeqLM",
     "seq2seq_lm": "decoder-only models train with CausalLM",
     "encoder": "",
     "sequence_classification": "",
@@ -106,7 +134,9 @@ class Backbone:
         from transformers import AutoTokenizer
 
         with self._load_errors("tokenizer"):
-            tok = AutoTokenizer.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(
+                self._resolved_path(), trust_remote_code=self.trust_remote_code
+            )
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -120,7 +150,9 @@ class Backbone:
             cfg = AutoConfig.for_model(**_BUILT[self.name_or_path])
         else:
             with self._load_errors("config"):
-                cfg = AutoConfig.from_pretrained(self._resolved_path(), trust_remote_code=self.trust_remote_code)
+                cfg = AutoConfig.from_pretrained(
+                    self._resolved_path(), trust_remote_code=self.trust_remote_code
+                )
         for key, value in {**(self.config_overrides or {}), **config_kwargs}.items():
             setattr(cfg, key, value)
         return cfg
@@ -172,8 +204,11 @@ class Backbone:
             return auto.from_config(cfg, trust_remote_code=self.trust_remote_code, **common)
         with self._load_errors("weights"):
             return auto.from_pretrained(
-                self._resolved_path(), config=cfg, trust_remote_code=self.trust_remote_code,
-                **common, **self.load_kwargs,
+                self._resolved_path(),
+                config=cfg,
+                trust_remote_code=self.trust_remote_code,
+                **common,
+                **self.load_kwargs,
             )
 
     @contextmanager
@@ -208,11 +243,13 @@ class Backbone:
         if files is None:
             return None
         try:
-            model, placeholders = build_empty(auto, cfg, files, trust_remote_code=self.trust_remote_code,
-                                              **common)
+            model, placeholders = build_empty(
+                auto, cfg, files, trust_remote_code=self.trust_remote_code, **common
+            )
         except RuntimeError as err:  # e.g. model code that initialises weights in place, not via transformers
-            log.info("loading %s whole: cannot build it empty (%s)", self.name_or_path,
-                     str(err).splitlines()[0])
+            log.info(
+                "loading %s whole: cannot build it empty (%s)", self.name_or_path, str(err).splitlines()[0]
+            )
             return None
         if not placeholders.sources:
             return None
@@ -223,7 +260,9 @@ class Backbone:
     def fingerprint(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """What an adapter file records about its base, to refuse loading onto another one."""
         cfg = model.config if model is not None else self.config()
-        shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+        shape = {
+            k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        }
         digest = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
         return {"name_or_path": self.name_or_path, **shape, "digest": digest}
 
@@ -259,13 +298,16 @@ class Backbone:
             model_type = getattr(cfg, "model_type", "?")
             if "Unrecognized configuration class" in text:
                 raise BackboneError(
-                    f"backbone {self.name_or_path!r} (model_type {model_type}) has no {kind.replace('_', ' ')} form; "
-                    f"{KIND_HINTS.get(kind, '')}") from None
+                    f"backbone {self.name_or_path!r} (model_type {model_type}) has no "
+                    f"{kind.replace('_', ' ')} form; "
+                    f"{KIND_HINTS.get(kind, '')}"
+                ) from None
             if "attention" in text.lower() or "attn" in text.lower():
                 raise BackboneError(
                     f"backbone {self.name_or_path!r} (model_type {model_type}) cannot use "
                     f"attn_implementation={self.attn_implementation!r}: {first} Leave it unset (null) to let "
-                    "transformers pick one the model supports") from None
+                    "transformers pick one the model supports"
+                ) from None
             raise
 
     @contextmanager
@@ -275,11 +317,20 @@ class Backbone:
             yield
         except OSError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            where = "local folder" if Path(self.name_or_path).expanduser().exists() else "Hugging Face hub model"
-            hint = "" if where == "local folder" else (
-                "; with no network, give a local folder written by save_pretrained, or a preset "
-                f"({', '.join(PRESETS)})")
-            raise BackboneError(f"cannot load the {what} of {where} {self.name_or_path!r}: {first}{hint}") from None
+            where = (
+                "local folder" if Path(self.name_or_path).expanduser().exists() else "Hugging Face hub model"
+            )
+            hint = (
+                ""
+                if where == "local folder"
+                else (
+                    "; with no network, give a local folder written by save_pretrained, or a preset "
+                    f"({', '.join(PRESETS)})"
+                )
+            )
+            raise BackboneError(
+                f"cannot load the {what} of {where} {self.name_or_path!r}: {first}{hint}"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "load_kwargs"}

@@ -80,8 +80,9 @@ class Placeholders:
             for name, p in module._parameters.items():
                 if p is not None and id(p) in self.sources:
                     if id(p) not in meta:  # tied weights stay one parameter
-                        meta[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                   requires_grad=p.requires_grad)
+                        meta[id(p)] = nn.Parameter(
+                            torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad
+                        )
                     module._parameters[name] = meta[id(p)]
                     self.bound.append((module, name, *self.sources[id(p)][1:]))
 
@@ -97,9 +98,13 @@ class Placeholders:
             return t.to_local() if isinstance(t, DTensor) else t
 
         # to_empty is FSDP2's way to materialise sharded meta parameters; it re-allocates the rest too
-        kept = [(m, kind, name, local(t).clone()) for m in root.modules()
-                for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items()
-                if t is not None and not t.is_meta]
+        kept = [
+            (m, kind, name, local(t).clone())
+            for m in root.modules()
+            for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items()
+            if t is not None and not t.is_meta
+        ]
         shared: dict[int, list[tuple[nn.Module, str]]] = {}  # tied weights, which to_empty may untie
         for module in root.modules():
             for name, p in module._parameters.items():
@@ -125,10 +130,14 @@ class Placeholders:
                 start = min(param.shape[0], param.device_mesh.get_local_rank() * rows)
             target = local(param)
             with safe_open(file, "pt") as f:  # opened per tensor: only this slice's pages are mapped in
-                value = f.get_slice(key)[start:start + target.shape[0]] if target.dim() else f.get_tensor(key)
+                value = (
+                    f.get_slice(key)[start : start + target.shape[0]] if target.dim() else f.get_tensor(key)
+                )
             if tuple(value.shape) != tuple(target.shape):
-                raise RuntimeError(f"{file}: {key} has shape {tuple(value.shape)} here, the model expects "
-                                   f"{tuple(target.shape)}")
+                raise RuntimeError(
+                    f"{file}: {key} has shape {tuple(value.shape)} here, the model expects "
+                    f"{tuple(target.shape)}"
+                )
             target.copy_(value)
         return len(done)
 
@@ -150,8 +159,9 @@ def build_empty(auto, cfg, files: dict[str, Path], **from_config) -> tuple[nn.Mo
             if id(param) not in swapped:  # tied parameters share one replacement
                 key = _checkpoint_key(f"{module_name}.{name}" if module_name else name, files, prefix)
                 if key is None:
-                    new = nn.Parameter(torch.empty_like(param, device="cpu"),
-                                       requires_grad=param.requires_grad)
+                    new = nn.Parameter(
+                        torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+                    )
                 else:
                     hollow = torch.full((), float("nan"), dtype=param.dtype).expand(param.shape)
                     new = nn.Parameter(hollow, requires_grad=param.requires_grad)

@@ -74,7 +74,7 @@ def hidden_states(model: nn.Module, length: int, **inputs) -> tuple[torch.Tensor
     finally:
         handle.remove()
     hidden = caught[-1]
-    return hidden[:, hidden.size(1) - length:], out.logits
+    return hidden[:, hidden.size(1) - length :], out.logits
 
 
 def chunked_logprobs(
@@ -100,7 +100,12 @@ def chunked_logprobs(
         return None
     hidden = hidden[:, start - 1 : -1]  # (N, R, H): position t - 1 scores token t
     logprobs = chunked_token_logprobs(
-        hidden, head.weight, tokens[:, start:].clamp_min(0), head.bias,
-        temperature=temperature, scale=head.scale, softcap=head.softcap,
+        hidden,
+        head.weight,
+        tokens[:, start:].clamp_min(0),
+        head.bias,
+        temperature=temperature,
+        scale=head.scale,
+        softcap=head.softcap,
     )
     return logprobs, hidden

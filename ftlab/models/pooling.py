@@ -31,6 +31,17 @@ def default_pooling(model: torch.nn.Module) -> str:
     """``last`` for decoder-only models, ``mean`` for encoders."""
     cfg = getattr(model, "config", None)
     decoder = bool(getattr(cfg, "is_decoder", False)) or getattr(cfg, "model_type", "") in (
-        "llama", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt", "falcon",
+        "llama",
+        "gpt2",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "phi",
+        "phi3",
+        "gpt_neox",
+        "opt",
+        "falcon",
     )
     return "last" if decoder else "mean"

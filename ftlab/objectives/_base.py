@@ -132,7 +132,7 @@ class Objective(L.LightningModule):
 
     def _load_heads(self, state: dict[str, torch.Tensor]) -> None:
         for h in self.heads:
-            part = {k[len(h) + 1:]: v for k, v in state.items() if k.startswith(h + ".")}
+            part = {k[len(h) + 1 :]: v for k, v in state.items() if k.startswith(h + ".")}
             if part:
                 getattr(self, h).load_state_dict(part)
 
@@ -142,7 +142,10 @@ class Objective(L.LightningModule):
         Under FSDP every rank must call this (shards are gathered); only ``write=True`` writes.
         """
         return io.save_adapter(
-            path, self.model, self.method, self.backbone.fingerprint(self.model),
+            path,
+            self.model,
+            self.method,
+            self.backbone.fingerprint(self.model),
             extra_tensors=self.head_state_dict(),
             extra={"objective": f"{type(self).__module__}.{type(self).__qualname__}", **self.adapter_extra()},
             write=write,
@@ -163,7 +166,9 @@ class Objective(L.LightningModule):
         # LightningCLI reads "hyper_parameters" of a --ckpt_path file back as model arguments; ours
         # describe the run (the config file rebuilds it), so they are kept under another key.
         checkpoint["ftlab_hparams"] = checkpoint.pop("hyper_parameters", {})
-        partial = self.device_mesh is None or getattr(self.trainer.strategy, "loads_partial_checkpoints", False)
+        partial = self.device_mesh is None or getattr(
+            self.trainer.strategy, "loads_partial_checkpoints", False
+        )
         if not self.backbone.pretrained or not partial:
             return
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -196,4 +201,3 @@ class Objective(L.LightningModule):
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0))
-

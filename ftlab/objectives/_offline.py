@@ -34,10 +34,17 @@ class OfflinePreference(Objective):
             self.ref.setup(self.model, self.method)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits  # (N, T, V)
 
-    def logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-              average: bool = False) -> torch.Tensor:
+    def logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        average: bool = False,
+    ) -> torch.Tensor:
         """(N,) log π of each sequence's labelled tokens (with gradient), summed or averaged per token."""
         return sequence_logps(self.model, input_ids, attention_mask, labels, average)
 
@@ -57,20 +64,39 @@ class OfflinePreference(Objective):
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0)) // 2  # pairs: chosen rows, then rejected rows
 
-    def log_pairs(self, stage: str, loss: torch.Tensor, r_chosen: torch.Tensor, r_rejected: torch.Tensor,
-                  chosen: torch.Tensor, rejected: torch.Tensor, **extra: torch.Tensor) -> None:
+    def log_pairs(
+        self,
+        stage: str,
+        loss: torch.Tensor,
+        r_chosen: torch.Tensor,
+        r_rejected: torch.Tensor,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        **extra: torch.Tensor,
+    ) -> None:
         """The metrics every pairwise objective logs: ``loss``, ``reward_acc`` (implicit reward of
         chosen > rejected), ``reward_margin``, ``rewards_chosen/rejected``, ``logps_chosen/rejected``."""
         n, sync = chosen.numel(), stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=sync)
-        self.log(f"{stage}/reward_acc", pairwise_accuracy(r_chosen, r_rejected), prog_bar=stage != "train",
-                 batch_size=n, sync_dist=sync)
-        self.log_dict({
-            f"{stage}/reward_margin": (r_chosen - r_rejected).mean(),
-            f"{stage}/rewards_chosen": r_chosen.mean(), f"{stage}/rewards_rejected": r_rejected.mean(),
-            f"{stage}/logps_chosen": chosen.detach().mean(), f"{stage}/logps_rejected": rejected.detach().mean(),
-            **{f"{stage}/{k}": v.detach().float().mean() for k, v in extra.items()},
-        }, batch_size=n, sync_dist=sync)
+        self.log(
+            f"{stage}/reward_acc",
+            pairwise_accuracy(r_chosen, r_rejected),
+            prog_bar=stage != "train",
+            batch_size=n,
+            sync_dist=sync,
+        )
+        self.log_dict(
+            {
+                f"{stage}/reward_margin": (r_chosen - r_rejected).mean(),
+                f"{stage}/rewards_chosen": r_chosen.mean(),
+                f"{stage}/rewards_rejected": r_rejected.mean(),
+                f"{stage}/logps_chosen": chosen.detach().mean(),
+                f"{stage}/logps_rejected": rejected.detach().mean(),
+                **{f"{stage}/{k}": v.detach().float().mean() for k, v in extra.items()},
+            },
+            batch_size=n,
+            sync_dist=sync,
+        )
 
     # ------------------------------------------------------------------ precomputed reference
     def reference_batch(self, batch: dict[str, Any]) -> None:

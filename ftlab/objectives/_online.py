@@ -39,30 +39,56 @@ class OnlineObjective(Objective):
     """Base of PPO, GRPO and RLOO (see those for the arguments)."""
 
     def __init__(
-        self, backbone, method, optimizer, scheduler, adapter, max_length, *,
-        reward_fn: str | None, reward_model: str | None, reward_backbone: Any, reward_kwargs: dict | None,
-        rewards: list[dict[str, Any]] | None, chunk_size: int, mini_batch_size: int | None, epochs: int,
-        max_new_tokens: int, generation_kwargs: dict | None, val_generation_kwargs: dict | None,
-        max_grad_norm: float | None, base_adapter: str | None = None,
+        self,
+        backbone,
+        method,
+        optimizer,
+        scheduler,
+        adapter,
+        max_length,
+        *,
+        reward_fn: str | None,
+        reward_model: str | None,
+        reward_backbone: Any,
+        reward_kwargs: dict | None,
+        rewards: list[dict[str, Any]] | None,
+        chunk_size: int,
+        mini_batch_size: int | None,
+        epochs: int,
+        max_new_tokens: int,
+        generation_kwargs: dict | None,
+        val_generation_kwargs: dict | None,
+        max_grad_norm: float | None,
+        base_adapter: str | None = None,
     ):
         super().__init__(backbone, method, optimizer, scheduler, adapter, max_length)
         self.base_adapter = base_adapter
         name = type(self).__name__
         if reward_fn is not None and reward_model is not None:
-            raise ValueError(f"{name} takes reward_fn or reward_model, not both (exactly one reward source each; "
-                             "combine several with rewards: [{fn: ...}, {model: ...}])")
-        for arg, value in (("chunk_size", chunk_size), ("epochs", epochs), ("max_new_tokens", max_new_tokens),
-                           ("mini_batch_size", mini_batch_size or 1)):
+            raise ValueError(
+                f"{name} takes reward_fn or reward_model, not both (exactly one reward source each; "
+                "combine several with rewards: [{fn: ...}, {model: ...}])"
+            )
+        for arg, value in (
+            ("chunk_size", chunk_size),
+            ("epochs", epochs),
+            ("max_new_tokens", max_new_tokens),
+            ("mini_batch_size", mini_batch_size or 1),
+        ):
             if value <= 0:
                 raise ValueError(f"{arg} must be > 0, got {value}")
         sources = []
         if reward_fn is not None:
             sources.append({"fn": reward_fn, "kwargs": reward_kwargs or {}})
         if reward_model is not None:
-            sources.append({"model": reward_model, "kwargs": reward_kwargs or {}, "backbone": reward_backbone})
+            sources.append(
+                {"model": reward_model, "kwargs": reward_kwargs or {}, "backbone": reward_backbone}
+            )
         if not sources and not rewards:
-            raise ValueError(f"{name} needs a reward: reward_fn (an import path), reward_model (a RewardModel "
-                             "adapter) or a rewards list")
+            raise ValueError(
+                f"{name} needs a reward: reward_fn (an import path), reward_model (a RewardModel "
+                "adapter) or a rewards list"
+            )
         self.rewards = Rewards(sources + list(rewards or []), chunk_size)
         self.automatic_optimization = False
         self.chunk_size, self.mini_batch_size, self.epochs = chunk_size, mini_batch_size, epochs
@@ -89,8 +115,10 @@ class OnlineObjective(Objective):
         self.reference = frozen_base(self.model, self.method)
         if self.reference is None:
             raise ValueError(
-                f"{type(self).__name__}'s reference policy is the frozen base with the method switched off, which "
-                f"{describe(self.method)['class']} cannot do (parameters of the base itself train): use a method "
+                f"{type(self).__name__}'s reference policy is the frozen base with the method switched "
+                "off, which "
+                f"{describe(self.method)['class']} cannot do (parameters of the base itself train): use a "
+                "method "
                 "that adds modules beside a frozen base (LoRA, QLoRA, Adapter, PrefixTuning, PromptTuning)"
             )
         self.rewards.setup(self.tokenizer, self.backbone.name_or_path)
@@ -107,8 +135,15 @@ class OnlineObjective(Objective):
         return None
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: list[str],
-                repeats: int = 1, n: int | None = None, generation_kwargs: dict | None = None) -> Rollout:
+    def rollout(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: list[str],
+        repeats: int = 1,
+        n: int | None = None,
+        generation_kwargs: dict | None = None,
+    ) -> Rollout:
         """Sample, then score: ``repeats`` consecutive responses per prompt (a group), or ``n`` rollouts
         cycling through the prompts; left-padded prompts (B, P)."""
         check_budget(self.model, input_ids.size(1), self.max_new_tokens, self.backbone.name_or_path)
@@ -116,19 +151,32 @@ class OnlineObjective(Objective):
         if n is not None:
             pick = torch.arange(n, device=input_ids.device) % B
         else:
-            pick = torch.arange(B, device=input_ids.device).repeat_interleave(repeats)  # (B·G,) groups contiguous
+            pick = torch.arange(B, device=input_ids.device).repeat_interleave(
+                repeats
+            )  # (B·G,) groups contiguous
         ro = sample_rollout(
-            self.model, self.reference, self.tokenizer, input_ids[pick], attention_mask[pick],
-            [prompts[i] for i in pick.tolist()], max_new_tokens=self.max_new_tokens,
-            generation_kwargs=generation_kwargs or self.generation_kwargs, chunk_size=self.chunk_size,
-            temperature=self.temperature, value_fn=self.value_fn(),
+            self.model,
+            self.reference,
+            self.tokenizer,
+            input_ids[pick],
+            attention_mask[pick],
+            [prompts[i] for i in pick.tolist()],
+            max_new_tokens=self.max_new_tokens,
+            generation_kwargs=generation_kwargs or self.generation_kwargs,
+            chunk_size=self.chunk_size,
+            temperature=self.temperature,
+            value_fn=self.value_fn(),
         )
         ro.scores, ro.components = self.rewards(ro.prompts, ro.texts, self.device)
         return ro
 
     # ------------------------------------------------------------------ updates
-    def update(self, n: int, loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-               target_kl: float | None = None) -> dict[str, float] | None:
+    def update(
+        self,
+        n: int,
+        loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        target_kl: float | None = None,
+    ) -> dict[str, float] | None:
         """``epochs`` passes over ``n`` rollouts in shuffled mini-batches, one optimizer step each.
 
         ``loss_fn(idx)`` returns a mini-batch's loss and statistics (with ``approx_kl``, the
@@ -155,7 +203,9 @@ class OnlineObjective(Objective):
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
                 opt.step()
                 for k, v in {"loss": loss, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
@@ -164,7 +214,11 @@ class OnlineObjective(Objective):
 
     @staticmethod
     def _averaged(sums: dict[str, float], steps: int, stopped: bool) -> dict[str, float]:
-        return {**{k: v / max(steps, 1) for k, v in sums.items()}, "updates": float(steps), "early_stop": float(stopped)}
+        return {
+            **{k: v / max(steps, 1) for k, v in sums.items()},
+            "updates": float(steps),
+            "early_stop": float(stopped),
+        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with eval_mode(self):  # dropout off in the updates too: the same function that sampled
@@ -172,7 +226,9 @@ class OnlineObjective(Objective):
         if stats is None:
             return self._last_loss
         sched = self.lr_schedulers()
-        if sched is not None:  # once per iteration: the run's length in iterations is known, in steps it is not
+        if (
+            sched is not None
+        ):  # once per iteration: the run's length in iterations is known, in steps it is not
             sched.step()
         self.history.append(stats)
         n = int(stats.pop("rollouts"))
@@ -205,8 +261,12 @@ class OnlineObjective(Objective):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"], batch["prompts"],
-                          generation_kwargs=self.val_generation_kwargs)
+        ro = self.rollout(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["prompts"],
+            generation_kwargs=self.val_generation_kwargs,
+        )
         n = len(ro)
         self.log("val/iteration", float(len(self.history)), batch_size=n)  # iterations trained so far
         self.log("val/reward", ro.scores.mean(), prog_bar=True, batch_size=n, sync_dist=True)
@@ -217,9 +277,16 @@ class OnlineObjective(Objective):
                 self.log(f"val/reward/{k}", v.mean(), batch_size=n, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"], batch["prompts"],
-                          generation_kwargs=self.val_generation_kwargs)
-        rows = [{"prompt": p, "response": t, "reward": float(s)} for p, t, s in zip(ro.prompts, ro.texts, ro.scores)]
+        ro = self.rollout(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["prompts"],
+            generation_kwargs=self.val_generation_kwargs,
+        )
+        rows = [
+            {"prompt": p, "response": t, "reward": float(s)}
+            for p, t, s in zip(ro.prompts, ro.texts, ro.scores)
+        ]
         for k, v in ro.components.items() if len(ro.components) > 1 else ():
             for row, s in zip(rows, v.tolist()):
                 row[f"reward/{k}"] = s

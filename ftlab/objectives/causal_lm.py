@@ -81,8 +81,13 @@ class CausalLM(Objective):
     def build(self):
         return self.backbone.load(self.export_kind)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, V); given ``labels`` (B, T), the summed next-token loss over labelled positions
         instead (a scalar). Packed rows pass ``position_ids`` (B, T) and no ``attention_mask``."""
         inputs = self._inputs(input_ids, attention_mask, position_ids)
@@ -93,8 +98,16 @@ class CausalLM(Objective):
             hidden, last = hidden_states(self.model, length, **inputs)  # (b, t, H), (b, 1, V)
             if self._head_matches(head, hidden, last):
                 hidden = hidden.reshape(*shape, -1)  # (B, T, H): packed rows flattened for flash-attention
-                return chunked_lm_loss(hidden, head.weight, labels, head.bias, scale=head.scale,
-                                       softcap=head.softcap, reduction="sum", liger=True)
+                return chunked_lm_loss(
+                    hidden,
+                    head.weight,
+                    labels,
+                    head.bias,
+                    scale=head.scale,
+                    softcap=head.softcap,
+                    reduction="sum",
+                    liger=True,
+                )
         logits = self.model(**inputs, use_cache=False).logits.reshape(*shape, -1)  # (B, T, V)
         return logits if labels is None else masked_lm_loss(logits, labels, reduction="sum")
 
@@ -104,8 +117,11 @@ class CausalLM(Objective):
         if not self._head_checked:
             self._head_checked = True
             if not head.matches(hidden[:, -1], last[:, -1]):
-                log.warning("chunked_loss: %s's output head does more than a linear map ftlab knows; "
-                            "using the plain loss", type(self.model).__name__)
+                log.warning(
+                    "chunked_loss: %s's output head does more than a linear map ftlab knows; "
+                    "using the plain loss",
+                    type(self.model).__name__,
+                )
                 self.chunked_loss = False
         return self.chunked_loss
 
@@ -114,20 +130,28 @@ class CausalLM(Objective):
             return {"input_ids": input_ids, "attention_mask": attention_mask}
         implementation = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         if self.model._forward_pre_hooks:  # prompt tuning puts tokens in front and shifts every position
-            raise ValueError("packed rows (data packing: true) need a model that reads position_ids as "
-                             f"given; {type(self.method).__name__} changes the input in front: set data "
-                             "packing false")
+            raise ValueError(
+                "packed rows (data packing: true) need a model that reads position_ids as "
+                f"given; {type(self.method).__name__} changes the input in front: set data "
+                "packing false"
+            )
         if implementation.startswith("flash"):  # varlen kernels read sample boundaries from one flat row
             return {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1)}
         if implementation not in PACKABLE_ATTENTION:
-            raise ValueError(f"packed rows (data packing: true) need attention that transformers masks per "
-                             f"sample ({', '.join(PACKABLE_ATTENTION)}, flash); {implementation!r} (set by "
-                             f"{type(self.method).__name__}) is not: set data packing false")
+            raise ValueError(
+                f"packed rows (data packing: true) need attention that transformers masks per "
+                f"sample ({', '.join(PACKABLE_ATTENTION)}, flash); {implementation!r} (set by "
+                f"{type(self.method).__name__}) is not: set data packing false"
+            )
         return {"input_ids": input_ids, "position_ids": position_ids}
 
     def _loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self(batch["input_ids"], None if "position_ids" in batch else batch["attention_mask"],
-                    batch.get("position_ids"), labels=batch["labels"])
+        return self(
+            batch["input_ids"],
+            None if "position_ids" in batch else batch["attention_mask"],
+            batch.get("position_ids"),
+            labels=batch["labels"],
+        )
 
     def _count(self, batch: dict[str, Any]) -> int:
         """Labelled positions the summed loss runs over."""
@@ -161,8 +185,14 @@ class CausalLM(Objective):
         n = self.batch_size_of(batch)
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=n, sync_dist=True)
         if self.exact_match and "references" in batch:
-            texts = self.generate(batch["prompt_ids"], batch["prompt_mask"], _budget(self.tokenizer, batch["references"], self.max_new_tokens))
-            hits = torch.tensor([t.strip() == r.strip() for t, r in zip(texts, batch["references"])], dtype=torch.float)
+            texts = self.generate(
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                _budget(self.tokenizer, batch["references"], self.max_new_tokens),
+            )
+            hits = torch.tensor(
+                [t.strip() == r.strip() for t, r in zip(texts, batch["references"])], dtype=torch.float
+            )
             self.val_exact_match.update(hits)
             self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=n)
 
@@ -176,14 +206,21 @@ class CausalLM(Objective):
         return [{"prompt": p, "generated": t, "reference": r} for p, t, r in zip(prompts, texts, refs)]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, **kwargs) -> list[str]:
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, **kwargs
+    ) -> list[str]:
         """Greedy continuations of left-padded prompts (B, P), decoded without special tokens."""
         tok = self.tokenizer
         out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs,
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kwargs,
         )  # (B, P + new)
-        return tok.batch_decode(out[:, prompt_ids.size(1):], skip_special_tokens=True)
+        return tok.batch_decode(out[:, prompt_ids.size(1) :], skip_special_tokens=True)
 
 
 def _budget(tokenizer, references: list[str], cap: int) -> int:

@@ -111,7 +111,11 @@ def triplet_accuracy(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
 
 
 def recall_at_k(
-    queries: torch.Tensor, candidates: torch.Tensor, target_ids: torch.Tensor, candidate_ids: torch.Tensor, k: int
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    target_ids: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    k: int,
 ) -> torch.Tensor:
     """Share of (Q, H) queries whose target text is among their top-k (C, H) candidates by cosine.
 
@@ -214,7 +218,9 @@ class Contrastive(Objective):
         if name == "auto":
             name = self.graded_loss if "score" in batch else "infonce"
         if name != "infonce" and "score" not in batch:
-            raise ValueError(f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce")
+            raise ValueError(
+                f"loss {name!r} needs graded pairs (a score per pair); this data has none: use infonce"
+            )
         ids, score = list(batch["text_ids"].chunk(len(embs))), batch.get("score")
         if self.gather and self.training and world_size() > 1:
             # Role by role, so that rows stay aligned: anchors of ranks 0..W-1, positives of ranks 0..W-1, ...
@@ -223,8 +229,16 @@ class Contrastive(Objective):
             score = gather_across_processes(score) if score is not None else None
         if name == "infonce":
             neg = embs[2] if len(embs) > 2 else None
-            return info_nce(embs[0], embs[1], neg, self.tau(), self.symmetric, ids[0], ids[1],
-                            ids[2] if len(ids) > 2 else None)
+            return info_nce(
+                embs[0],
+                embs[1],
+                neg,
+                self.tau(),
+                self.symmetric,
+                ids[0],
+                ids[1],
+                ids[2] if len(ids) > 2 else None,
+            )
         cos = F.cosine_similarity(embs[0].float(), embs[1].float(), dim=-1)  # (B,)
         if name == "cosent":
             return cosent_loss(cos, score, self.cosent_scale)
@@ -289,7 +303,9 @@ class Contrastive(Objective):
         cand_ids, first = _unique_first(cand_ids)
         candidates = candidates[first]
         for k in self.recall_k:
-            self.log(f"{stage}/recall@{k}", recall_at_k(queries, candidates, target, cand_ids, k), prog_bar=k == 1)
+            self.log(
+                f"{stage}/recall@{k}", recall_at_k(queries, candidates, target, cand_ids, k), prog_bar=k == 1
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval(batch, "val")

@@ -85,7 +85,9 @@ class DPO(OfflinePreference):
 
     def reference_logps(self, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """log π_ref of the batch's 2B sequences: (2B,), no gradient; averaged per token for IPO."""
-        return self.ref(self.model, batch["input_ids"], batch["attention_mask"], labels, self.loss_type == "ipo")
+        return self.ref(
+            self.model, batch["input_ids"], batch["attention_mask"], labels, self.loss_type == "ipo"
+        )
 
     def reference_batch(self, batch: dict[str, Any]) -> None:
         self.reference_logps(batch, response_labels(batch))
@@ -93,9 +95,12 @@ class DPO(OfflinePreference):
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         labels = response_labels(batch)
         ref_chosen, ref_rejected = self.reference_logps(batch, labels).chunk(2)
-        chosen, rejected = self.logps(batch["input_ids"], batch["attention_mask"], labels,
-                                      self.loss_type == "ipo").chunk(2)
-        loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing)
+        chosen, rejected = self.logps(
+            batch["input_ids"], batch["attention_mask"], labels, self.loss_type == "ipo"
+        ).chunk(2)
+        loss = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
         r_chosen, r_rejected = implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         self.log_pairs(stage, loss, r_chosen, r_rejected, chosen, rejected)
         return loss

@@ -64,7 +64,8 @@ class GRPO(OnlineObjective):
         reward_model: Directory of an ftlab ``RewardModel`` adapter; its tokenizer must be the policy's.
         reward_backbone: The reward model's backbone; default: the base named in its adapter file.
         reward_kwargs: Keyword arguments of ``reward_fn``, or of ``RewardModel``.
-        rewards: More reward sources, summed with weights (see ``ftlab.rewards.Rewards``); weight 0: logged only.
+        rewards: More reward sources, summed with weights (see ``ftlab.rewards.Rewards``); weight 0:
+            logged only.
         num_generations: Responses per prompt (the group size G ≥ 2); an iteration has batch × G rollouts.
         chunk_size: Rollouts generated (and scored) at once.
         mini_batch_size: Rollouts per optimizer step; default: all of them.
@@ -116,16 +117,32 @@ class GRPO(OnlineObjective):
         max_grad_norm: float | None = 1.0,
     ):
         super().__init__(
-            backbone, method, optimizer, scheduler, adapter, max_length, reward_fn=reward_fn,
-            reward_model=reward_model, reward_backbone=reward_backbone, reward_kwargs=reward_kwargs, rewards=rewards,
-            chunk_size=chunk_size, mini_batch_size=mini_batch_size, epochs=epochs, max_new_tokens=max_new_tokens,
-            generation_kwargs=generation_kwargs, val_generation_kwargs=val_generation_kwargs,
-            max_grad_norm=max_grad_norm, base_adapter=base_adapter,
+            backbone,
+            method,
+            optimizer,
+            scheduler,
+            adapter,
+            max_length,
+            reward_fn=reward_fn,
+            reward_model=reward_model,
+            reward_backbone=reward_backbone,
+            reward_kwargs=reward_kwargs,
+            rewards=rewards,
+            chunk_size=chunk_size,
+            mini_batch_size=mini_batch_size,
+            epochs=epochs,
+            max_new_tokens=max_new_tokens,
+            generation_kwargs=generation_kwargs,
+            val_generation_kwargs=val_generation_kwargs,
+            max_grad_norm=max_grad_norm,
+            base_adapter=base_adapter,
         )
         name = type(self).__name__
         if num_generations < 2:
-            raise ValueError(f"{name}: num_generations must be >= 2, got {num_generations}: the baseline of a "
-                             "response is the other responses to the same prompt, so a group of 1 has none")
+            raise ValueError(
+                f"{name}: num_generations must be >= 2, got {num_generations}: the baseline of a "
+                "response is the other responses to the same prompt, so a group of 1 has none"
+            )
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if kl_penalty not in ("k3", "reward"):
@@ -147,7 +164,9 @@ class GRPO(OnlineObjective):
         return group_advantages(scores, self.num_generations, scale=self.scale_rewards)
 
     def iteration(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"], batch["prompts"], repeats=self.num_generations)
+        ro = self.rollout(
+            batch["input_ids"], batch["attention_mask"], batch["prompts"], repeats=self.num_generations
+        )
         rmask = ro.response_mask
         scores = ro.scores
         if self.kl_penalty == "reward" and self.beta:
@@ -156,11 +175,13 @@ class GRPO(OnlineObjective):
         how = self.loss_aggregation
 
         def loss_fn(idx: torch.Tensor):
-            logprobs = response_logprobs(self.model, ro.seq[idx], ro.mask[idx], ro.responses[idx], ro.prompt_len,
-                                         self.temperature)["logprobs"]
+            logprobs = response_logprobs(
+                self.model, ro.seq[idx], ro.mask[idx], ro.responses[idx], ro.prompt_len, self.temperature
+            )["logprobs"]
             m = rmask[idx]
-            pg_loss, clip_frac, approx_kl = clipped_policy_loss(logprobs, ro.logprobs[idx], adv[idx], m,
-                                                                self.cliprange, how)
+            pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+                logprobs, ro.logprobs[idx], adv[idx], m, self.cliprange, how
+            )
             kl = aggregate(k3_kl(logprobs, ro.ref_logprobs[idx]), m, how)
             loss = pg_loss + self.beta * kl if self.kl_penalty == "k3" else pg_loss
             return loss, {"policy_loss": pg_loss, "k3_kl": kl, "clip_frac": clip_frac, "approx_kl": approx_kl}
@@ -169,6 +190,9 @@ class GRPO(OnlineObjective):
         if updates is None:
             return None
         groups = ro.scores.view(-1, self.num_generations)
-        return {**self.rollout_stats(ro), **updates,
-                "zero_std_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-                "advantage_abs": float(adv.abs().mean())}
+        return {
+            **self.rollout_stats(ro),
+            **updates,
+            "zero_std_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+            "advantage_abs": float(adv.abs().mean()),
+        }

@@ -64,8 +64,10 @@ class KTO(OfflinePreference):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if desirable_weight <= 0 or undesirable_weight <= 0:
-            raise ValueError(f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight}, "
-                             f"{undesirable_weight}")
+            raise ValueError(
+                f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight}, "
+                f"{undesirable_weight}"
+            )
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
         self.ref = Reference(reference, "KTO")
 
@@ -74,8 +76,10 @@ class KTO(OfflinePreference):
 
     def _check_batch(self, batch: dict[str, Any]) -> None:
         if "desirable" not in batch or "kl_input_ids" not in batch:
-            raise ValueError("KTO needs batches of labelled single responses (desirable, kl_input_ids...): "
-                             "use data: ftlab.data.UnpairedPreferenceData (it also converts preference pairs)")
+            raise ValueError(
+                "KTO needs batches of labelled single responses (desirable, kl_input_ids...): "
+                "use data: ftlab.data.UnpairedPreferenceData (it also converts preference pairs)"
+            )
 
     def reference_batch(self, batch: dict[str, Any]) -> None:
         self._check_batch(batch)
@@ -92,11 +96,18 @@ class KTO(OfflinePreference):
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         self._check_batch(batch)
-        ids, mask, labels, good = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["desirable"]
+        ids, mask, labels, good = (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            batch["desirable"],
+        )
         ref = self.ref(self.model, ids, mask, labels)
         policy = self.logps(ids, mask, labels)
         z0 = self.reference_point(batch)
-        loss, rewards = kto_loss(policy, ref, good, z0, self.beta, self.desirable_weight, self.undesirable_weight)
+        loss, rewards = kto_loss(
+            policy, ref, good, z0, self.beta, self.desirable_weight, self.undesirable_weight
+        )
         n, sync = ids.size(0), stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=sync)
         stats = {"kl": z0}

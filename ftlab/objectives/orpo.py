@@ -57,8 +57,18 @@ class ORPO(OfflinePreference):
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         labels = response_labels(batch)
-        chosen, rejected = self.logps(batch["input_ids"], batch["attention_mask"], labels, average=True).chunk(2)
+        chosen, rejected = self.logps(
+            batch["input_ids"], batch["attention_mask"], labels, average=True
+        ).chunk(2)
         loss, nll, log_or = orpo_loss(chosen, rejected, self.lam)
-        self.log_pairs(stage, loss, log_odds(chosen.detach()), log_odds(rejected.detach()), chosen, rejected,
-                       nll=nll, log_odds_ratio=log_or)
+        self.log_pairs(
+            stage,
+            loss,
+            log_odds(chosen.detach()),
+            log_odds(rejected.detach()),
+            chosen,
+            rejected,
+            nll=nll,
+            log_odds_ratio=log_or,
+        )
         return loss

@@ -143,11 +143,25 @@ class PPO(OnlineObjective):
         max_grad_norm: float | None = 1.0,
     ):
         super().__init__(
-            backbone, method, optimizer, scheduler, adapter, max_length, reward_fn=reward_fn,
-            reward_model=reward_model, reward_backbone=reward_backbone, reward_kwargs=reward_kwargs, rewards=rewards,
-            chunk_size=chunk_size, mini_batch_size=mini_batch_size, epochs=ppo_epochs, max_new_tokens=max_new_tokens,
-            generation_kwargs=generation_kwargs, val_generation_kwargs=val_generation_kwargs,
-            max_grad_norm=max_grad_norm, base_adapter=base_adapter,
+            backbone,
+            method,
+            optimizer,
+            scheduler,
+            adapter,
+            max_length,
+            reward_fn=reward_fn,
+            reward_model=reward_model,
+            reward_backbone=reward_backbone,
+            reward_kwargs=reward_kwargs,
+            rewards=rewards,
+            chunk_size=chunk_size,
+            mini_batch_size=mini_batch_size,
+            epochs=ppo_epochs,
+            max_new_tokens=max_new_tokens,
+            generation_kwargs=generation_kwargs,
+            val_generation_kwargs=val_generation_kwargs,
+            max_grad_norm=max_grad_norm,
+            base_adapter=base_adapter,
         )
         if (num_rollouts or 1) <= 0:
             raise ValueError(f"num_rollouts must be > 0, got {num_rollouts}")
@@ -163,7 +177,9 @@ class PPO(OnlineObjective):
     def build(self):
         model = super().build()
         self.value_head = nn.Linear(model.config.hidden_size, 1).to(dtype=next(model.parameters()).dtype)
-        nn.init.zeros_(self.value_head.weight)  # values start at 0: no random critic noise in the first advantages
+        nn.init.zeros_(
+            self.value_head.weight
+        )  # values start at 0: no random critic noise in the first advantages
         nn.init.zeros_(self.value_head.bias)
         return model
 
@@ -172,14 +188,25 @@ class PPO(OnlineObjective):
 
     def _stats(self, ro, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log π (with gradient) and values of the rollouts ``idx`` now: (n, R) each."""
-        out = response_logprobs(self.model, ro.seq[idx], ro.mask[idx], ro.responses[idx], ro.prompt_len,
-                                self.temperature, hidden=True)
+        out = response_logprobs(
+            self.model,
+            ro.seq[idx],
+            ro.mask[idx],
+            ro.responses[idx],
+            ro.prompt_len,
+            self.temperature,
+            hidden=True,
+        )
         return out["logprobs"], self.value_fn()(out["hidden"])
 
     # ------------------------------------------------------------------ PPO iteration
     def iteration(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"], batch["prompts"],
-                          n=self.num_rollouts or batch["input_ids"].size(0))
+        ro = self.rollout(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["prompts"],
+            n=self.num_rollouts or batch["input_ids"].size(0),
+        )
         rmask = ro.response_mask
         scores = clip_rewards(ro.scores, self.cliprange_reward)
         rewards, _ = kl_penalty_rewards(scores, ro.logprobs, ro.ref_logprobs, rmask, self.kl_ctl.value)
@@ -190,19 +217,27 @@ class PPO(OnlineObjective):
         def loss_fn(idx: torch.Tensor):
             logprobs, values = self._stats(ro, idx)
             m = rmask[idx]
-            pg_loss, clip_frac, approx_kl = ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx], m,
-                                                            self.cliprange)
+            pg_loss, clip_frac, approx_kl = ppo_policy_loss(
+                logprobs, ro.logprobs[idx], advantages[idx], m, self.cliprange
+            )
             vf_loss, vf_clip = ppo_value_loss(values, ro.values[idx], returns[idx], m, self.cliprange_value)
             return pg_loss + self.vf_coef * vf_loss, {
-                "policy_loss": pg_loss, "value_loss": vf_loss, "clip_frac": clip_frac, "value_clip_frac": vf_clip,
+                "policy_loss": pg_loss,
+                "value_loss": vf_loss,
+                "clip_frac": clip_frac,
+                "value_clip_frac": vf_clip,
                 "approx_kl": approx_kl,
             }
 
         updates = self.update(len(ro), loss_fn, self.target_kl)
         if updates is None:
             return None
-        stats = {**self.rollout_stats(ro), "kl_coef": self.kl_ctl.value,
-                 "explained_variance": float(explained_variance(ro.values, returns, rmask)), **updates}
+        stats = {
+            **self.rollout_stats(ro),
+            "kl_coef": self.kl_ctl.value,
+            "explained_variance": float(explained_variance(ro.values, returns, rmask)),
+            **updates,
+        }
         self.kl_ctl.update(stats["kl"], len(ro))
         return stats
 

@@ -117,8 +117,13 @@ class RewardModel(Objective):
         chosen, rejected = self.rewards(batch)
         n = self.batch_size_of(batch)
         self.log(f"{stage}/loss", self._loss(batch, chosen, rejected), batch_size=n, sync_dist=True)
-        self.log(f"{stage}/reward_acc", pairwise_accuracy(chosen, rejected), prog_bar=True, batch_size=n,
-                 sync_dist=True)
+        self.log(
+            f"{stage}/reward_acc",
+            pairwise_accuracy(chosen, rejected),
+            prog_bar=True,
+            batch_size=n,
+            sync_dist=True,
+        )
         self.log(f"{stage}/reward_margin", (chosen - rejected).mean(), batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -43,7 +43,8 @@ class RLOO(GRPO):
         reward_model: Directory of an ftlab ``RewardModel`` adapter; its tokenizer must be the policy's.
         reward_backbone: The reward model's backbone; default: the base named in its adapter file.
         reward_kwargs: Keyword arguments of ``reward_fn``, or of ``RewardModel``.
-        rewards: More reward sources, summed with weights (see ``ftlab.rewards.Rewards``); weight 0: logged only.
+        rewards: More reward sources, summed with weights (see ``ftlab.rewards.Rewards``); weight 0:
+            logged only.
         num_generations: Responses per prompt (k ≥ 2); an iteration has batch × k rollouts.
         chunk_size: Rollouts generated (and scored) at once.
         mini_batch_size: Rollouts per optimizer step; default: all of them.
@@ -92,12 +93,31 @@ class RLOO(GRPO):
         max_grad_norm: float | None = 1.0,
     ):
         super().__init__(
-            backbone=backbone, method=method, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
-            base_adapter=base_adapter, max_length=max_length, reward_fn=reward_fn, reward_model=reward_model,
+            backbone=backbone,
+            method=method,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            adapter=adapter,
+            base_adapter=base_adapter,
+            max_length=max_length,
+            reward_fn=reward_fn,
+            reward_model=reward_model,
             reward_backbone=reward_backbone,
-            reward_kwargs=reward_kwargs, rewards=rewards, num_generations=num_generations, chunk_size=chunk_size,
-            mini_batch_size=mini_batch_size, epochs=epochs, max_new_tokens=max_new_tokens,
-            generation_kwargs=generation_kwargs, val_generation_kwargs=val_generation_kwargs, beta=beta,
-            kl_penalty=kl_penalty, advantage=advantage, scale_rewards=scale_rewards, cliprange=cliprange,
-            loss_aggregation=loss_aggregation, target_kl=target_kl, max_grad_norm=max_grad_norm,
+            reward_kwargs=reward_kwargs,
+            rewards=rewards,
+            num_generations=num_generations,
+            chunk_size=chunk_size,
+            mini_batch_size=mini_batch_size,
+            epochs=epochs,
+            max_new_tokens=max_new_tokens,
+            generation_kwargs=generation_kwargs,
+            val_generation_kwargs=val_generation_kwargs,
+            beta=beta,
+            kl_penalty=kl_penalty,
+            advantage=advantage,
+            scale_rewards=scale_rewards,
+            cliprange=cliprange,
+            loss_aggregation=loss_aggregation,
+            target_kl=target_kl,
+            max_grad_norm=max_grad_norm,
         )

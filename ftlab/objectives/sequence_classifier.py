@@ -73,8 +73,9 @@ class SequenceClassifier(Objective):
         self.head.to(dtype=next(trunk.parameters()).dtype)
         n = self.num_labels
         # Accuracy is the share of examples right (torchmetrics' default would average per class).
-        self.metrics = nn.ModuleDict({"accuracy": MulticlassAccuracy(n, average="micro"),
-                                      "f1": MulticlassF1Score(n, average="macro")})
+        self.metrics = nn.ModuleDict(
+            {"accuracy": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+        )
         return trunk
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,12 @@ class SequenceClassifier(Objective):
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy", batch_size=n)
         pred = logits.argmax(-1)  # (B,)
         # Per-example results (their means are val/accuracy and val/loss), for paired comparisons of runs.
-        return {"accuracy": (pred == batch["labels"]).float(), "loss": losses.detach(), "pred": pred,
-                "label": batch["labels"]}
+        return {
+            "accuracy": (pred == batch["labels"]).float(),
+            "loss": losses.detach(),
+            "pred": pred,
+            "label": batch["labels"],
+        }
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval(batch, "val")

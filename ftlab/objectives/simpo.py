@@ -61,7 +61,9 @@ class SimPO(OfflinePreference):
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         labels = response_labels(batch)
-        chosen, rejected = self.logps(batch["input_ids"], batch["attention_mask"], labels, average=True).chunk(2)
+        chosen, rejected = self.logps(
+            batch["input_ids"], batch["attention_mask"], labels, average=True
+        ).chunk(2)
         loss, r_chosen, r_rejected = simpo_loss(chosen, rejected, self.beta, self.gamma, self.label_smoothing)
         self.log_pairs(stage, loss, r_chosen, r_rejected, chosen, rejected)
         return loss

@@ -14,7 +14,19 @@ from ftlab.peft.qlora import QLoRA
 from ftlab.peft.targets import TargetError
 
 __all__ = [
-    "Method", "MethodError", "count_parameters", "TargetError",
-    "Full", "LoRA", "LoRALinear", "DoRA", "LoRAPlus", "QLoRA", "LongLoRA", "IA3", "PromptTuning", "PrefixTuning",
+    "Method",
+    "MethodError",
+    "count_parameters",
+    "TargetError",
+    "Full",
+    "LoRA",
+    "LoRALinear",
+    "DoRA",
+    "LoRAPlus",
+    "QLoRA",
+    "LongLoRA",
+    "IA3",
+    "PromptTuning",
+    "PrefixTuning",
     "Adapter",
 ]

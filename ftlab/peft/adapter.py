@@ -36,6 +36,8 @@ from ftlab.peft.targets import TargetError, num_layers, select_layers, set_submo
 Placement = Literal["houlsby", "pfeiffer"]
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
 class BottleneckAdapter(LinearWrapper):
     """A frozen output projection ``base`` followed by a zero-initialised residual bottleneck."""
 
@@ -65,8 +67,9 @@ class BottleneckAdapter(LinearWrapper):
         return f"hidden={self.up.out_features}, bottleneck={self.down.out_features}, enabled={self.enabled}"
 
 
-def find_sublayers(model: nn.Module, attention_output: list[str] | None = None,
-                   ffn_output: list[str] | None = None) -> dict[str, dict[str, str]]:
+def find_sublayers(
+    model: nn.Module, attention_output: list[str] | None = None, ffn_output: list[str] | None = None
+) -> dict[str, dict[str, str]]:
     """Per block (by name), the names of its ``attention`` and ``ffn`` output projections. Raises
     ``TargetError`` naming what is missing, and the override that would fix it."""
     blocks = {}
@@ -75,9 +78,14 @@ def find_sublayers(model: nn.Module, attention_output: list[str] | None = None,
         if missing:
             raise TargetError(
                 f"Adapter cannot find the {' and '.join(missing)} projection of block {block.name} in "
-                f"{type(model).__name__}; name it with Adapter's {missing[0]} argument (a module-name pattern)"
+                f"{type(model).__name__}; name it with Adapter's {missing[0]} argument (a module-name "
+                "pattern)"
             )
-        blocks[block.name] = {"attention": block.attention_output, "ffn": block.ffn_output, "index": block.index}
+        blocks[block.name] = {
+            "attention": block.attention_output,
+            "ffn": block.ffn_output,
+            "index": block.index,
+        }
     return blocks
 
 
@@ -147,14 +155,22 @@ class Adapter(Method):
                 set_submodule(model, parts[site], adapter)
 
     def hparams(self) -> dict[str, Any]:
-        return dict(placement=self.placement, reduction_factor=self.reduction_factor,
-                    bottleneck_size=self.bottleneck_size, activation=self.activation, layers=self.layers,
-                    attention_output=self.attention_output, ffn_output=self.ffn_output)
+        return dict(
+            placement=self.placement,
+            reduction_factor=self.reduction_factor,
+            bottleneck_size=self.bottleneck_size,
+            activation=self.activation,
+            layers=self.layers,
+            attention_output=self.attention_output,
+            ffn_output=self.ffn_output,
+        )
 
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``n_adapters · (2 · H · b + b + H)``."""
-        return sum(2 * m.up.out_features * m.down.out_features + m.down.out_features + m.up.out_features
-                   for m in adapter_layers(model))
+        return sum(
+            2 * m.up.out_features * m.down.out_features + m.down.out_features + m.up.out_features
+            for m in adapter_layers(model)
+        )
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
         return disable_adapters(model)

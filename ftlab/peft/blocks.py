@@ -54,12 +54,17 @@ def _is_attention(name: str, module: nn.Module) -> bool:
 
 def _is_cross(name: str, module: nn.Module) -> bool:
     leaf = name.rsplit(".", 1)[-1].lower()
-    return ("cross" in type(module).__name__.lower() or "cross" in leaf or leaf == "encoder_attn"
-            or getattr(module, "is_cross_attention", False) is True)
+    return (
+        "cross" in type(module).__name__.lower()
+        or "cross" in leaf
+        or leaf == "encoder_attn"
+        or getattr(module, "is_cross_attention", False) is True
+    )
 
 
-def find_blocks(model: nn.Module, attention_output: list[str] | None = None,
-                ffn_output: list[str] | None = None) -> list[Block]:
+def find_blocks(
+    model: nn.Module, attention_output: list[str] | None = None, ffn_output: list[str] | None = None
+) -> list[Block]:
     """Every transformer block of ``model`` with its parts (see the module docstring). Parts that
     cannot be found stay None; ``attention_output`` / ``ffn_output`` patterns override the guess."""
     linear = linear_kinds()
@@ -72,26 +77,49 @@ def find_blocks(model: nn.Module, attention_output: list[str] | None = None,
         block = Block(name, int(found.group(1)))
         inner = [(n, m) for n, m in module.named_modules() if n]
         attentions = [n for n, m in inner if _is_attention(n, m)]
-        self_attention = next((n for n in attentions if not _is_cross(n, modules[f"{name}.{n}"])
-                               and not any(n.startswith(a + ".") for a in attentions)), None)
+        self_attention = next(
+            (
+                n
+                for n in attentions
+                if not _is_cross(n, modules[f"{name}.{n}"])
+                and not any(n.startswith(a + ".") for a in attentions)
+            ),
+            None,
+        )
         if self_attention is not None:
             block.attention = f"{name}.{self_attention}"
-            block.core = f"{name}.{[n for n in attentions if n == self_attention or n.startswith(self_attention + '.')][-1]}"
-            lin = [f"{name}.{n}" for n, m in inner if isinstance(m, linear) and n.startswith(self_attention + ".")]
+            cores = [n for n in attentions if n == self_attention or n.startswith(self_attention + ".")]
+            block.core = f"{name}.{cores[-1]}"
+            lin = [
+                f"{name}.{n}"
+                for n, m in inner
+                if isinstance(m, linear) and n.startswith(self_attention + ".")
+            ]
             if lin:
                 block.attention_output, block.projections = lin[-1], lin[:-1]
         width = _width(model)
-        outside = [f"{name}.{n}" for n, m in inner if isinstance(m, linear)
-                   and not any(n.startswith(a + ".") for a in attentions) and features(m)[1] == width]
+        outside = [
+            f"{name}.{n}"
+            for n, m in inner
+            if isinstance(m, linear)
+            and not any(n.startswith(a + ".") for a in attentions)
+            and features(m)[1] == width
+        ]
         block.ffn_output = outside[-1] if outside else None
         for pattern, part in ((attention_output, "attention_output"), (ffn_output, "ffn_output")):
             if pattern:
-                hits = [n for n, m in inner if isinstance(m, linear) and any(matches(f"{name}.{n}", p) for p in pattern)]
+                hits = [
+                    n
+                    for n, m in inner
+                    if isinstance(m, linear) and any(matches(f"{name}.{n}", p) for p in pattern)
+                ]
                 setattr(block, part, f"{name}.{hits[-1]}" if hits else None)
         blocks.append(block)
     if not blocks:
-        raise TargetError(f"found no transformer blocks in {type(model).__name__} (modules named like "
-                          "'layers.N', 'h.N', 'layer.N' or 'block.N')")
+        raise TargetError(
+            f"found no transformer blocks in {type(model).__name__} (modules named like "
+            "'layers.N', 'h.N', 'layer.N' or 'block.N')"
+        )
     return blocks
 
 

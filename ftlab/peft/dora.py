@@ -37,8 +37,16 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude = nn.ParameterDict()  # name -> (out,)
         self._merged_scale: torch.Tensor | None = None  # m / ‖W0 + s·BA‖ at merge time, to unmerge
 
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                    dtype: torch.dtype | None = None, init: str = "kaiming") -> None:
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype | None = None,
+        init: str = "kaiming",
+    ) -> None:
         super().add_adapter(name, rank, alpha, dropout, rslora, dtype, init)
         with torch.no_grad():
             norm = self._adapted_weight(name).norm(dim=1)  # (out,): equals ‖W0‖ while B A adds nothing

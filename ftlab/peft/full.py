@@ -39,8 +39,11 @@ class Full(Method):
             blocks = select_layers(self.freeze_layers, num_layers(model))
             frozen |= {id(p) for name, p in model.named_parameters() if layer_index(name) in blocks}
         for pattern in self.freeze_modules:
-            frozen |= {id(p) for _, module in find_targets(model, pattern, kinds=(nn.Module,))
-                       for p in module.parameters()}
+            frozen |= {
+                id(p)
+                for _, module in find_targets(model, pattern, kinds=(nn.Module,))
+                for p in module.parameters()
+            }
         return frozen
 
     def hparams(self) -> dict[str, Any]:

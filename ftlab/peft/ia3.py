@@ -41,7 +41,9 @@ class IA3Linear(LinearWrapper):
         self.base, self.on_input, self.enabled = base, on_input, True
         in_f, out_f = features(base)
         device = next(base.parameters()).device
-        self.ia3_l = nn.Parameter(torch.ones(in_f if on_input else out_f, dtype=compute_dtype(base), device=device))
+        self.ia3_l = nn.Parameter(
+            torch.ones(in_f if on_input else out_f, dtype=compute_dtype(base), device=device)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -55,17 +57,18 @@ class IA3Linear(LinearWrapper):
         """The base layer with the scale folded into its weight (and bias, for an output scale)."""
         if is_quantized(self.base):
             raise ValueError("cannot fold IA³ scales into a quantized layer; dequantize it first")
-        w, l = self.base.weight, self.ia3_l.detach()
+        w, scale = self.base.weight, self.ia3_l.detach()
         # Conv1D stores (in, out): its rows are inputs, its columns outputs.
         rows = self.on_input == is_conv1d(self.base)
         with torch.no_grad():
-            w.mul_((l[:, None] if rows else l[None, :]).to(w.dtype))
+            w.mul_((scale[:, None] if rows else scale[None, :]).to(w.dtype))
             if not self.on_input and self.bias is not None:
-                self.bias.mul_(l.to(self.bias.dtype))
+                self.bias.mul_(scale.to(self.bias.dtype))
         return self.base
 
     def extra_repr(self) -> str:
-        return f"scales={'input' if self.on_input else 'output'}, size={self.ia3_l.numel()}, enabled={self.enabled}"
+        side = "input" if self.on_input else "output"
+        return f"scales={side}, size={self.ia3_l.numel()}, enabled={self.enabled}"
 
 
 class IA3(Method):
@@ -102,8 +105,10 @@ class IA3(Method):
     def _sites(self, model: nn.Module) -> dict[str, bool]:
         """Layer name -> scaled on its input?"""
         if self.targets is not None:
-            return {name: any(matches(name, f) for f in self.feedforward)
-                    for name, _ in find_targets(model, self.targets, self.layers, linear_kinds())}
+            return {
+                name: any(matches(name, f) for f in self.feedforward)
+                for name, _ in find_targets(model, self.targets, self.layers, linear_kinds())
+            }
         keep = select_layers(self.layers, num_layers(model))
         sites = {}
         for block in find_blocks(model):
@@ -114,8 +119,10 @@ class IA3(Method):
             if block.ffn_output:
                 sites[block.ffn_output] = True
         if not sites:
-            raise TargetError(f"IA3 found no attention projections in {type(model).__name__}; give targets and "
-                              "feedforward as module-name patterns")
+            raise TargetError(
+                f"IA3 found no attention projections in {type(model).__name__}; give targets and "
+                "feedforward as module-name patterns"
+            )
         return sites
 
     def hparams(self) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Adapter files: ftlab's own format for every method, and PEFT's format both ways.
 
 ftlab format (a directory), written and read through the method protocol:
-    adapter.safetensors   the method's tensors (``method.state_dict(model)``; ``load_state_dict`` reads them)
-    adapter.json          {"format": "ftlab-adapter", "method": "<import path>", "init_args": method.hparams(),
-                           "base": <backbone fingerprint>, "extra": {...}}
+    adapter.safetensors   the method's tensors (``method.state_dict(model)``, read by ``load_state_dict``)
+    adapter.json          {"format": "ftlab-adapter", "method": "<import path>",
+                           "init_args": method.hparams(), "base": <backbone fingerprint>, "extra": {...}}
 
 PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys such as
 ``base_model.model.<module>.lora_A.weight``) — what ``peft.PeftModel.from_pretrained`` reads. The
@@ -21,9 +21,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,8 +74,12 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------- ftlab format
 def save_adapter(
-    path: str | os.PathLike, model: nn.Module, method: Method, base: dict[str, Any],
-    extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None,
+    path: str | os.PathLike,
+    model: nn.Module,
+    method: Method,
+    base: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
     write: bool = True,
 ) -> Path:
     """Write the method's tensors (plus ``extra_tensors``, e.g. a head) and its config to ``path``.
@@ -107,7 +112,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     """(config, tensors) of an ftlab adapter directory, with clear errors for missing files."""
     path = Path(path)
     if not (path / CONFIG).exists():
-        hint = " (it looks like a PEFT adapter: use load_peft_adapter)" if (path / PEFT_CONFIG).exists() else ""
+        hint = (
+            " (it looks like a PEFT adapter: use load_peft_adapter)" if (path / PEFT_CONFIG).exists() else ""
+        )
         raise AdapterError(f"{path} is not an ftlab adapter: {CONFIG} is missing{hint}")
     meta = json.loads((path / CONFIG).read_text())
     if meta.get("format") != "ftlab-adapter":
@@ -124,8 +131,10 @@ def build_method(meta: dict[str, Any]) -> Method:
     """
     module_name, _, cls_name = meta["method"].rpartition(".")
     if not module_name.startswith("ftlab.") and module_name not in sys.modules:
-        raise AdapterError(f"adapter names method {meta['method']!r}, which is neither an ftlab method nor in a "
-                           "module this process has imported; import it first")
+        raise AdapterError(
+            f"adapter names method {meta['method']!r}, which is neither an ftlab method nor in a "
+            "module this process has imported; import it first"
+        )
     cls = getattr(importlib.import_module(module_name), cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise AdapterError(f"adapter names method {meta['method']!r}, which is not a method class")
@@ -142,10 +151,14 @@ def check_base(meta: dict[str, Any], base: dict[str, Any], where: str | os.PathL
 
 
 def _shape(fp: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={fp.get(k)}" for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"))
+    return ", ".join(
+        f"{k}={fp.get(k)}" for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    )
 
 
-def load_adapter(path: str | os.PathLike, model: nn.Module, base: dict[str, Any]) -> tuple[Method, dict[str, torch.Tensor]]:
+def load_adapter(
+    path: str | os.PathLike, model: nn.Module, base: dict[str, Any]
+) -> tuple[Method, dict[str, torch.Tensor]]:
     """Apply the saved method to ``model`` (a fresh base) and load its tensors.
 
     Returns the method and the ``extra`` tensors (e.g. a classification head) for the caller.
@@ -154,7 +167,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, base: dict[str, Any]
     check_base(meta, base, path)
     method = build_method(meta)
     method.apply(model)
-    extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in state.items() if k.startswith("extra.")}
     try:
         method.load_state_dict(model, {k: v for k, v in state.items() if not k.startswith("extra.")})
     except (MethodError, KeyError, ValueError) as err:
@@ -164,7 +177,10 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, base: dict[str, Any]
 
 # ------------------------------------------------------------------------------- PEFT format
 def save_peft_adapter(
-    path: str | os.PathLike, model: nn.Module, method: Method, base_model_name_or_path: str,
+    path: str | os.PathLike,
+    model: nn.Module,
+    method: Method,
+    base_model_name_or_path: str,
     task_type: str = "CAUSAL_LM",
 ) -> Path:
     """Write ``method``'s adapter in PEFT's format (methods that implement ``to_peft``: LoRA, DoRA)."""
@@ -175,8 +191,12 @@ def save_peft_adapter(
         config, tensors = method.to_peft(model)
     except MethodError as err:
         raise AdapterError(str(err)) from None
-    config = {**config, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-              "inference_mode": True}
+    config = {
+        **config,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+    }
     with atomic_dir(path) as tmp:
         save_file(_contiguous(tensors), tmp / PEFT_WEIGHTS)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
@@ -192,8 +212,10 @@ def load_peft_adapter(path: str | os.PathLike, model: nn.Module, adapter_name: s
     cls = next((c for c in reversed(PEFT_FORMATS) if c.reads_peft(config)), None)
     if cls is None:
         kind = config.get("peft_type") + (" with use_dora" if config.get("use_dora") else "")
-        raise AdapterError(f"{path / PEFT_CONFIG}: peft_type {kind!r} is not a format ftlab reads "
-                           f"({', '.join(c.__name__ for c in PEFT_FORMATS)} do)")
+        raise AdapterError(
+            f"{path / PEFT_CONFIG}: peft_type {kind!r} is not a format ftlab reads "
+            f"({', '.join(c.__name__ for c in PEFT_FORMATS)} do)"
+        )
     try:
         return cls.from_peft(config, load_file(path / PEFT_WEIGHTS), model, adapter_name)
     except (MethodError, KeyError) as err:

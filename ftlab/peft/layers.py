@@ -79,8 +79,10 @@ def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
     """``W += delta`` in place, ``delta`` (out, in) in any layout the layer stores. Quantized
     layers refuse: adding to packed codes would silently corrupt them."""
     if is_quantized(module):
-        raise ValueError(f"cannot add to the weight of a quantized {type(module).__name__} in place; "
-                         "dequantize it first (ftlab.peft.qlora.dequantize)")
+        raise ValueError(
+            f"cannot add to the weight of a quantized {type(module).__name__} in place; "
+            "dequantize it first (ftlab.peft.qlora.dequantize)"
+        )
     w = module.weight
     with torch.no_grad():
         w += (delta.T if is_conv1d(module) else delta).to(w.dtype)
@@ -94,9 +96,13 @@ def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
         old = module.weight
         module.weight = bnb.nn.Params4bit(
-            weight.to(compute_dtype(module)).contiguous(), requires_grad=False, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-            quant_storage=old.quant_storage, module=module,
+            weight.to(compute_dtype(module)).contiguous(),
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=module,
         ).to(weight.device)  # quantizes here
         return
     if is_8bit(module):

@@ -70,7 +70,8 @@ class LongLoRA(LoRA):
             projection of each block's self-attention, whatever the model calls them.
         layers: Which transformer blocks get LoRA (null: all; indices, ``"a-b"``, ``"top:k"``...).
         rslora: Rank-stabilised scaling ``alpha / sqrt(rank)``.
-        init: How A and B start (``kaiming``, ``gaussian``, ``pissa``, ``olora``; see ``ftlab.peft.lora_init``).
+        init: How A and B start (``kaiming``, ``gaussian``, ``pissa``, ``olora``; see
+            ``ftlab.peft.lora_init``).
         adapter_name: Name of the adapter this method creates.
         adapter_dtype: Adapter dtype; null uses the base layer's dtype.
         trainable: Extra module-name patterns to train fully.
@@ -100,8 +101,18 @@ class LongLoRA(LoRA):
         train_embeddings: bool = True,
         train_norms: bool = True,
     ):
-        super().__init__(rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, rslora=rslora,
-                         init=init, adapter_name=adapter_name, adapter_dtype=adapter_dtype, trainable=trainable)
+        super().__init__(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            targets=targets,
+            layers=layers,
+            rslora=rslora,
+            init=init,
+            adapter_name=adapter_name,
+            adapter_dtype=adapter_dtype,
+            trainable=trainable,
+        )
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
         self.group_size, self.shift, self.pad_to_group = group_size, shift, pad_to_group
@@ -116,8 +127,11 @@ class LongLoRA(LoRA):
 
     def hparams(self) -> dict[str, Any]:
         return super().hparams() | dict(
-            group_size=self.group_size, shift=self.shift, pad_to_group=self.pad_to_group,
-            train_embeddings=self.train_embeddings, train_norms=self.train_norms,
+            group_size=self.group_size,
+            shift=self.shift,
+            pad_to_group=self.pad_to_group,
+            train_embeddings=self.train_embeddings,
+            train_norms=self.train_norms,
         )
 
     def num_parameters(self, model: nn.Module) -> int:
@@ -127,14 +141,20 @@ class LongLoRA(LoRA):
 
     def _unfrozen(self, model: nn.Module) -> list[nn.Module]:
         return ([model.get_input_embeddings()] if self.train_embeddings else []) + (
-            norm_layers(model) if self.train_norms else [])
+            norm_layers(model) if self.train_norms else []
+        )
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
-        trained = [name for name, on in (("train_embeddings", self.train_embeddings), ("train_norms", self.train_norms))
-                   if on]
+        trained = [
+            name
+            for name, on in (("train_embeddings", self.train_embeddings), ("train_norms", self.train_norms))
+            if on
+        ]
         if trained:
-            raise MethodError(f"LongLoRA with {' and '.join(trained)} trains the base itself, so switching the "
-                              "adapters off does not give the frozen base; set them false for a reference policy")
+            raise MethodError(
+                f"LongLoRA with {' and '.join(trained)} trains the base itself, so switching the "
+                "adapters off does not give the frozen base; set them false for a reference policy"
+            )
         return super().disabled(model)
 
     def merge_and_unload(self, model: nn.Module) -> None:
@@ -146,7 +166,11 @@ class LongLoRA(LoRA):
 # ---------------------------------------------------------------------------------- functions
 def norm_layers(model: nn.Module) -> list[nn.Module]:
     """LayerNorm, RMSNorm and friends (by class name, so every model family's own class counts)."""
-    return [m for m in model.modules() if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(False))]
+    return [
+        m
+        for m in model.modules()
+        if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(False))
+    ]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -158,18 +182,23 @@ def s2_modules(model: nn.Module) -> list[nn.Module]:
     """The attention modules S²-Attn takes over; a clear error for a model that cannot take it."""
     name = type(model).__name__
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"LongLoRA: S²-Attn is for decoder-only models and {name} is an encoder-decoder; "
-                         "use LoRA (or QLoRA) for long inputs there")
+        raise ValueError(
+            f"LongLoRA: S²-Attn is for decoder-only models and {name} is an encoder-decoder; "
+            "use LoRA (or QLoRA) for long inputs there"
+        )
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"LongLoRA: no self-attention found in {name}; use LoRA")
     bidirectional = sorted({type(m).__name__ for m in modules if not getattr(m, "is_causal", False)})
     if bidirectional:
-        raise ValueError(f"LongLoRA: S²-Attn is causal, but {', '.join(bidirectional)} attends both ways; "
-                         "use LoRA on encoders")
+        raise ValueError(
+            f"LongLoRA: S²-Attn is causal, but {', '.join(bidirectional)} attends both ways; "
+            "use LoRA on encoders"
+        )
     if getattr(model.config, "attn_logit_softcapping", None):
-        raise ValueError(f"LongLoRA: {name} soft-caps its attention logits, which S²-Attn (built on SDPA) cannot; "
-                         "use LoRA")
+        raise ValueError(
+            f"LongLoRA: {name} soft-caps its attention logits, which S²-Attn (built on SDPA) cannot; use LoRA"
+        )
     return modules
 
 
@@ -203,7 +232,8 @@ def enable_s2attn(model: nn.Module, group_size: int, shift: bool = True, pad_to_
     if not all(_dispatches(model, modules)):
         disable_s2attn(model)
         raise ValueError(
-            f"LongLoRA: {type(model).__name__}'s attention does not go through transformers' AttentionInterface, "
+            f"LongLoRA: {type(model).__name__}'s attention does not go through transformers' "
+            "AttentionInterface, "
             "so S²-Attn cannot replace it; use LoRA"
         )
 
@@ -240,8 +270,14 @@ def disable_s2attn(model: nn.Module) -> None:
 
 
 def s2_attention_forward(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention function: S²-Attn in training, SDPA otherwise.
 
@@ -253,18 +289,34 @@ def s2_attention_forward(
     if (seen := getattr(module, "ftlab_s2attn_seen", None)) is not None:  # enable_s2attn checks dispatch
         seen.add(id(module))
     if settings is None or not module.training or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, T, D)
     out = shifted_sparse_attention(
-        query, key, value, settings.group_size, settings.shift, attention_mask, dropout, scaling, settings.pad_to_group,
+        query,
+        key,
+        value,
+        settings.group_size,
+        settings.shift,
+        attention_mask,
+        dropout,
+        scaling,
+        settings.pad_to_group,
     )  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 
 
 def shifted_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, shift: bool = True,
-    attention_mask: torch.Tensor | None = None, dropout: float = 0.0, scale: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_size: int,
+    shift: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    scale: float | None = None,
     pad_to_group: bool = True,
 ) -> torch.Tensor:
     """S²-Attn on ``q``, ``k``, ``v`` (B, H, T, D) -> (B, H, T, D); causal within each group.
@@ -275,13 +327,28 @@ def shifted_sparse_attention(
     B, H, T, D = q.shape
     G = group_size
     if G > T:
-        raise ValueError(f"S²-Attn: group_size {G} is larger than the sequence ({T} tokens); use a group_size <= {T}")
+        raise ValueError(
+            f"S²-Attn: group_size {G} is larger than the sequence ({T} tokens); use a group_size <= {T}"
+        )
     if T % G:
         if not pad_to_group:
-            raise ValueError(f"S²-Attn: sequence length {T} is not a multiple of group_size {G} (pad_to_group is off)")
+            raise ValueError(
+                f"S²-Attn: sequence length {T} is not a multiple of group_size {G} (pad_to_group is off)"
+            )
         q, k, v, attention_mask = _pad_to(G * -(-T // G), q, k, v, attention_mask)
     n_shift = H // 2 if shift else 0
-    parts = [_local_attention(q[:, : H - n_shift], k[:, : H - n_shift], v[:, : H - n_shift], attention_mask, G, 0, dropout, scale)]
+    parts = [
+        _local_attention(
+            q[:, : H - n_shift],
+            k[:, : H - n_shift],
+            v[:, : H - n_shift],
+            attention_mask,
+            G,
+            0,
+            dropout,
+            scale,
+        )
+    ]
     if n_shift:
         s = slice(H - n_shift, H)
         parts.append(_local_attention(q[:, s], k[:, s], v[:, s], attention_mask, G, G // 2, dropout, scale))
@@ -298,7 +365,12 @@ def _pad_to(length: int, q, k, v, mask):
             new = allowed.expand(*mask.shape[:2], length, length).clone()
         else:
             blocked = torch.finfo(mask.dtype).min
-            new = torch.where(allowed, 0.0, blocked).to(mask.dtype).expand(*mask.shape[:2], length, length).clone()
+            new = (
+                torch.where(allowed, 0.0, blocked)
+                .to(mask.dtype)
+                .expand(*mask.shape[:2], length, length)
+                .clone()
+            )
         new[..., :T, :T] = mask
         mask = new
     return q, k, v, mask
@@ -320,7 +392,9 @@ def _local_attention(q, k, v, mask, G: int, offset: int, dropout: float, scale: 
 
         m = None
         if mask is not None:
-            m = torch.stack([_block(mask, lo + i * G, lo + (i + 1) * G) for i in range(n)], dim=1)  # (B|1, n, 1, G, G)
+            m = torch.stack(
+                [_block(mask, lo + i * G, lo + (i + 1) * G) for i in range(n)], dim=1
+            )  # (B|1, n, 1, G, G)
             m = m.expand(B, *m.shape[1:]).reshape(B * n, *m.shape[2:])
         o = _sdpa(grouped(q), grouped(k), grouped(v), m, dropout, scale)  # (B·n, h, G, D)
         outs.append(o.reshape(B, n, h, G, -1).transpose(1, 2).reshape(B, h, n * G, -1))
@@ -335,4 +409,6 @@ def _block(mask: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
 
 def _sdpa(q, k, v, mask, dropout: float, scale: float | None) -> torch.Tensor:
     # No mask: is_causal lets SDPA pick its flash kernel. A mask from transformers is already causal.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=mask is None)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=mask is None
+    )

@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.peft.layers import (
-    LinearWrapper, add_to_weight, compute_dtype, features, is_conv1d, is_quantized, linear_kinds,
+    LinearWrapper,
+    add_to_weight,
+    compute_dtype,
+    features,
+    is_conv1d,
+    is_quantized,
+    linear_kinds,
 )
 from ftlab.peft.lora_init import INITS, ResidualInit
 from ftlab.peft.method import Method, MethodError, freeze, load_named, peft_format
@@ -56,8 +62,14 @@ class LoRALinear(LinearWrapper):
         self.train(base.training)  # injected into an eval-mode model, stay in eval mode (no dropout)
 
     def add_adapter(
-        self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-        dtype: torch.dtype | None = None, init: str = "kaiming",
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype | None = None,
+        init: str = "kaiming",
     ) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
@@ -105,7 +117,11 @@ class LoRALinear(LinearWrapper):
 
     def adapter_tensors(self) -> dict[str, nn.ParameterDict]:
         """Every per-adapter tensor family of this layer: ``lora_A``, ``lora_B`` and a variant's own."""
-        return {n: d for n, d in self.named_children() if n.startswith("lora_") and isinstance(d, nn.ParameterDict)}
+        return {
+            n: d
+            for n, d in self.named_children()
+            if n.startswith("lora_") and isinstance(d, nn.ParameterDict)
+        }
 
     def extra_repr(self) -> str:
         ranks = {n: p.shape[0] for n, p in self.lora_A.items()}
@@ -165,8 +181,16 @@ class LoRA(Method):
     def apply(self, model: nn.Module) -> None:
         freeze(model)
         inject(
-            model, self.targets, self.layers, self.adapter_name, rank=self.rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.rslora, init=self.init, layer_class=self.layer_class,
+            model,
+            self.targets,
+            self.layers,
+            self.adapter_name,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            rslora=self.rslora,
+            init=self.init,
+            layer_class=self.layer_class,
             dtype=getattr(torch, self.adapter_dtype) if self.adapter_dtype else None,
         )
         set_adapter(model, self.adapter_name)
@@ -186,25 +210,40 @@ class LoRA(Method):
 
     def hparams(self) -> dict[str, Any]:
         return dict(
-            rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, layers=self.layers,
-            rslora=self.rslora, init=self.init, adapter_name=self.adapter_name, adapter_dtype=self.adapter_dtype,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+            layers=self.layers,
+            rslora=self.rslora,
+            init=self.init,
+            adapter_name=self.adapter_name,
+            adapter_dtype=self.adapter_dtype,
             trainable=self.trainable,
         )
 
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``r · (in + out)`` summed over adapted layers, plus the ``trainable`` modules."""
         layers = [m for m in lora_layers(model) if self.adapter_name in m.lora_A]
-        extra = {id(p): p.numel() for pattern in self.trainable
-                 for _, module in find_targets(model, pattern, kinds=(nn.Module,)) for p in module.parameters()}
+        extra = {
+            id(p): p.numel()
+            for pattern in self.trainable
+            for _, module in find_targets(model, pattern, kinds=(nn.Module,))
+            for p in module.parameters()
+        }
         return sum(self.rank * (m.in_features + m.out_features) for m in layers) + sum(extra.values())
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None]:
         if self.trainable:
-            raise MethodError(f"{type(self).__name__} also trains {self.trainable} of the base itself, so "
-                              "switching the adapters off does not give the frozen base")
+            raise MethodError(
+                f"{type(self).__name__} also trains {self.trainable} of the base itself, so "
+                "switching the adapters off does not give the frozen base"
+            )
         if isinstance(INITS[self.init], ResidualInit):
-            raise MethodError(f"init={self.init!r} rewrote the base weights (W0 - s·B0A0), so switching the "
-                              "adapters off does not give the frozen base; use kaiming or gaussian init")
+            raise MethodError(
+                f"init={self.init!r} rewrote the base weights (W0 - s·B0A0), so switching the "
+                "adapters off does not give the frozen base; use kaiming or gaussian init"
+            )
         return disable_adapters(model)
 
     def merge_and_unload(self, model: nn.Module) -> None:
@@ -219,10 +258,14 @@ class LoRA(Method):
     def to_peft(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """PEFT's ``adapter_config.json`` fields and ``adapter_model.safetensors`` tensors."""
         if self.trainable:
-            raise MethodError(f"PEFT export supports LoRA matrices only; this LoRA also trains {self.trainable}")
+            raise MethodError(
+                f"PEFT export supports LoRA matrices only; this LoRA also trains {self.trainable}"
+            )
         if isinstance(INITS[self.init], ResidualInit):
-            raise MethodError(f"an init={self.init!r} adapter is relative to a rewritten base; PEFT's files need "
-                              "the original base: save it in ftlab's format")
+            raise MethodError(
+                f"an init={self.init!r} adapter is relative to a rewritten base; PEFT's files need "
+                "the original base: save it in ftlab's format"
+            )
         tensors, names, conv1d = {}, set(), False
         for key, value in adapter_state_dict(model, self.adapter_name).items():
             module_name, _, family = key.rpartition(".")
@@ -230,36 +273,58 @@ class LoRA(Method):
             names.add(module_name)
             conv1d |= is_conv1d(model.get_submodule(module_name).base)
         config = {
-            "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "use_rslora": self.rslora, "target_modules": sorted(names), "fan_in_fan_out": conv1d,
-            "bias": "none", "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
+            "peft_type": "LORA",
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "target_modules": sorted(names),
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "use_dora": False,
         }
         return config, tensors
 
     @classmethod
-    def from_peft(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
-                  adapter_name: str = "default") -> LoRA:
+    def from_peft(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        model: nn.Module,
+        adapter_name: str = "default",
+    ) -> LoRA:
         """Apply the adapter PEFT's ``config`` describes to ``model`` and load its ``tensors``."""
         for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "lora_bias"):
             if config.get(key):
                 raise MethodError(f"PEFT adapter with {key} is not supported")
         if config.get("init_lora_weights") not in (None, True, False, "gaussian"):
-            raise MethodError(f"PEFT adapter with init_lora_weights={config['init_lora_weights']!r} holds a "
-                              "rewritten base; convert it with PEFT first")
+            raise MethodError(
+                f"PEFT adapter with init_lora_weights={config['init_lora_weights']!r} holds a "
+                "rewritten base; convert it with PEFT first"
+            )
         ours = {v: k for k, v in cls.PEFT_KEYS.items()}
         state = {}
         for key, value in tensors.items():
             family = next((p for p in ours if key.endswith("." + p)), None)
             if not key.startswith(PEFT_PREFIX) or family is None:
                 raise MethodError(f"unexpected tensor {key} in a PEFT {cls.__name__} adapter")
-            state[f"{key[len(PEFT_PREFIX):-len(family) - 1]}.{ours[family]}"] = value
+            state[f"{key[len(PEFT_PREFIX) : -len(family) - 1]}.{ours[family]}"] = value
         method = cls(
-            rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-            targets=sorted({k.rpartition(".")[0] for k in state}), rslora=bool(config.get("use_rslora")),
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            targets=sorted({k.rpartition(".")[0] for k in state}),
+            rslora=bool(config.get("use_rslora")),
             adapter_name=adapter_name,
         )
-        missing = sorted(f"{module}.{family}" for module in method.targets for family in cls.PEFT_KEYS
-                         if f"{module}.{family}" not in state)
+        missing = sorted(
+            f"{module}.{family}"
+            for module in method.targets
+            for family in cls.PEFT_KEYS
+            if f"{module}.{family}" not in state
+        )
         if missing:  # checked before the model is touched
             raise MethodError(f"the PEFT {cls.__name__} adapter lacks tensors: {missing[:3]}")
         method.apply(model)
@@ -269,23 +334,37 @@ class LoRA(Method):
 
 # ---------------------------------------------------------------------------------- functions
 def inject(
-    model: nn.Module, targets: list[str], layers: LayerSelection, name: str, *, rank: int, alpha: float,
-    dropout: float = 0.0, rslora: bool = False, dtype: torch.dtype | None = None, init: str = "kaiming",
+    model: nn.Module,
+    targets: list[str],
+    layers: LayerSelection,
+    name: str,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    dtype: torch.dtype | None = None,
+    init: str = "kaiming",
     layer_class: type[LoRALinear] = LoRALinear,
 ) -> list[str]:
     """Add adapter ``name`` to every target (wrapping plain layers in ``layer_class``); returns the names.
 
     Adapter parameters train; nothing else is touched, so call ``freeze`` first when needed.
     """
-    chosen = [(n, m) for n, m in find_targets(model, targets, layers, linear_kinds() + (LoRALinear,))
-              if not n.endswith(".base")]
+    chosen = [
+        (n, m)
+        for n, m in find_targets(model, targets, layers, linear_kinds() + (LoRALinear,))
+        if not n.endswith(".base")
+    ]
     for module_name, module in chosen:
         if not isinstance(module, LoRALinear):
             module = layer_class(module)
             set_submodule(model, module_name, module)
         elif type(module) is not layer_class:
-            raise TargetError(f"{module_name} holds {type(module).__name__} adapters; a {layer_class.__name__} "
-                              "adapter cannot join them on the same layer")
+            raise TargetError(
+                f"{module_name} holds {type(module).__name__} adapters; a {layer_class.__name__} "
+                "adapter cannot join them on the same layer"
+            )
         module.add_adapter(name, rank, alpha, dropout, rslora, dtype, init)
     return [n for n, _ in chosen]
 

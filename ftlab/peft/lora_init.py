@@ -36,6 +36,7 @@ def register(name: str):
     def add(init: Callable[[nn.Module, str], None]):
         INITS[name] = init
         return init
+
     return add
 
 

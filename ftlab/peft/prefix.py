@@ -32,15 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftlab.peft.method import Method, freeze, switched_off
 from ftlab.peft.blocks import find_blocks
+from ftlab.peft.method import Method, freeze, switched_off
 from ftlab.peft.targets import LayerSelection, TargetError, num_layers, select_layers
 
 ATTR = "ftlab_prefix"  # the prefix module's name on the model
 IMPLEMENTATION = "ftlab_prefix"  # the attention implementation name the prefixed layers use
 SUPPORTED = ("sdpa", "eager")
-_NO_INTERFACE = ("prefix tuning: {}'s attention does not go through transformers' AttentionInterface, so no "
-                 "prefix can be put in front of its keys and values; use prompt tuning (PromptTuning) or LoRA")
+_NO_INTERFACE = (
+    "prefix tuning: {}'s attention does not go through transformers' AttentionInterface, so no "
+    "prefix can be put in front of its keys and values; use prompt tuning (PromptTuning) or LoRA"
+)
 
 
 class PrefixEncoder(nn.Module):
@@ -77,8 +79,8 @@ class PrefixEncoder(nn.Module):
             # other layers' prefixes, and a checkpointed layer recomputes its own.
             width = 2 * self.heads * self.head_dim
             h = torch.tanh(self.down(self.embedding))  # (P, H')
-            w = self.up.weight[row * width:(row + 1) * width]  # (2·h·d, H')
-            b = self.up.bias[row * width:(row + 1) * width]
+            w = self.up.weight[row * width : (row + 1) * width]  # (2·h·d, H')
+            b = self.up.bias[row * width : (row + 1) * width]
             kv = F.linear(h, w, b).view(self.length, 2, self.heads, self.head_dim)  # (P, 2, h, d)
             kv = kv.permute(1, 2, 0, 3)  # (2, h, P, d)
         return kv[0], kv[1]
@@ -94,8 +96,10 @@ class PrefixEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "mlp" if self.reparameterized else "plain"
-        return (f"layers={self.n_layers}, heads_kv={self.heads}, P={self.length}, head_dim={self.head_dim}, "
-                f"{kind}, enabled={self.enabled}")
+        return (
+            f"layers={self.n_layers}, heads_kv={self.heads}, P={self.length}, head_dim={self.head_dim}, "
+            f"{kind}, enabled={self.enabled}"
+        )
 
 
 class _Slot:
@@ -106,8 +110,14 @@ class _Slot:
         self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, Any]:
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, Any]:
     """The ``ftlab_prefix`` attention function: prepend the layer's prefix, then run the real one.
 
     query (B, heads, T, d); key, value (B, heads_kv, S, d) after rotary embeddings and the cache;
@@ -121,17 +131,23 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         batch, n = key.size(0), pk.size(1)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        attention_mask = extend_mask(attention_mask, n, query.size(2), key.size(2), causal and slot.sdpa,
-                                     query.device)
-        if isinstance(bias := kwargs.get("position_bias"), torch.Tensor):  # T5 adds it to the scores: none for prefixes
-            kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], n), bias], dim=-1)  # (., h, T, P + S)
+        attention_mask = extend_mask(
+            attention_mask, n, query.size(2), key.size(2), causal and slot.sdpa, query.device
+        )
+        if isinstance(
+            bias := kwargs.get("position_bias"), torch.Tensor
+        ):  # T5 adds it to the scores: none for prefixes
+            kwargs["position_bias"] = torch.cat(
+                [bias.new_zeros(*bias.shape[:-1], n), bias], dim=-1
+            )  # (., h, T, P + S)
         key = torch.cat([pk.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)  # (B, h, P + S, d)
         value = torch.cat([pv.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
     return slot.inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def extend_mask(mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, causal: bool,
-                device: torch.device) -> torch.Tensor | None:
+def extend_mask(
+    mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """Widen a 4D attention mask by ``n`` always-visible prefix columns in front.
 
     A missing mask stays missing (every key visible) unless SDPA would have applied causality
@@ -242,10 +258,14 @@ class PrefixTuning(Method):
                 m.config = configs[id(m)]
                 del m.__dict__["_ftlab_prefix_slot"]
             if len(shapes) > 1:
-                raise ValueError(f"prefix tuning needs one key/value shape for all layers, got {sorted(shapes)}")
+                raise ValueError(
+                    f"prefix tuning needs one key/value shape for all layers, got {sorted(shapes)}"
+                )
             raise TargetError(_NO_INTERFACE.format(type(model).__name__))
-        (heads, head_dim), = shapes
-        start = torch.stack([torch.stack(s.captured) for s in slots]).float() if self.init == "vocab" else None
+        ((heads, head_dim),) = shapes
+        start = (
+            torch.stack([torch.stack(s.captured) for s in slots]).float() if self.init == "vocab" else None
+        )
         for s in slots:
             s.captured = None
 
@@ -267,8 +287,13 @@ class PrefixTuning(Method):
         self.reparameterize, self.projection_dim, self.init = False, None, "random"
 
     def hparams(self) -> dict[str, Any]:
-        return dict(num_virtual_tokens=self.num_virtual_tokens, layers=self.layers,
-                    reparameterize=self.reparameterize, projection_dim=self.projection_dim, init=self.init)
+        return dict(
+            num_virtual_tokens=self.num_virtual_tokens,
+            layers=self.layers,
+            reparameterize=self.reparameterize,
+            projection_dim=self.projection_dim,
+            init=self.init,
+        )
 
     def num_parameters(self, model: nn.Module) -> int:
         """Plain: ``L·2·P·h_kv·d``. With the MLP: ``P·H + (H·H' + H') + (H'·L·2·h_kv·d + L·2·h_kv·d)``."""

@@ -113,7 +113,7 @@ def _extend(kwargs: dict[str, Any], n: int, prepend_positions: bool) -> None:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.size(0), n), mask], dim=1)  # (B, n + S)
     elif mask is not None:
-        raise ValueError("prompt tuning needs a 2D attention mask (B, T), got shape " f"{tuple(mask.shape)}")
+        raise ValueError(f"prompt tuning needs a 2D attention mask (B, T), got shape {tuple(mask.shape)}")
     pos = kwargs.get("position_ids")
     if pos is not None:
         # The virtual tokens take positions 0..n-1; the real ones move up by n.
@@ -204,8 +204,12 @@ class PromptTuning(Method):
         return list(ids)
 
     def hparams(self) -> dict[str, Any]:
-        return dict(num_virtual_tokens=self.num_virtual_tokens, init=self.init, init_text=self.init_text,
-                    tokenizer=self.tokenizer)
+        return dict(
+            num_virtual_tokens=self.num_virtual_tokens,
+            init=self.init,
+            init_text=self.init_text,
+            tokenizer=self.tokenizer,
+        )
 
     def num_parameters(self, model: nn.Module) -> int:
         """The formula ``P · H`` (H: the input embedding width)."""

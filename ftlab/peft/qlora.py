@@ -84,8 +84,10 @@ class QuantReport:
         if not self.layers:
             return "no dense linear layers left to quantize (the model is already 4-bit)"
         mib = 2**20
-        return (f"{self.layers} linear layers to 4 bits: weights {self.bytes_before / mib:.2f} MiB -> "
-                f"{self.bytes_after / mib:.2f} MiB ({self.ratio:.2f}x smaller)")
+        return (
+            f"{self.layers} linear layers to 4 bits: weights {self.bytes_before / mib:.2f} MiB -> "
+            f"{self.bytes_after / mib:.2f} MiB ({self.ratio:.2f}x smaller)"
+        )
 
 
 class QLoRA(LoRA):
@@ -136,8 +138,18 @@ class QLoRA(LoRA):
         quantize: list[str] = ["all-linear"],  # noqa: B006
         keep_dense: list[str] = ["lm_head", "score", "classifier"],  # noqa: B006
     ):
-        super().__init__(rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, rslora=rslora,
-                         init=init, adapter_name=adapter_name, adapter_dtype=adapter_dtype, trainable=trainable)
+        super().__init__(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            targets=targets,
+            layers=layers,
+            rslora=rslora,
+            init=init,
+            adapter_name=adapter_name,
+            adapter_dtype=adapter_dtype,
+            trainable=trainable,
+        )
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
         if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
@@ -149,17 +161,26 @@ class QLoRA(LoRA):
 
     def apply(self, model: nn.Module) -> None:
         self.report = quantize(
-            model, self.quantize, self.keep_dense, self.quant_type, self.double_quant,
+            model,
+            self.quantize,
+            self.keep_dense,
+            self.quant_type,
+            self.double_quant,
             getattr(torch, self.compute_dtype) if self.compute_dtype else None,
-            getattr(torch, self.quant_storage), self.blocksize,
+            getattr(torch, self.quant_storage),
+            self.blocksize,
         )
         log.info("QLoRA: %s", self.report)
         super().apply(model)
 
     def hparams(self) -> dict[str, Any]:
         return super().hparams() | dict(
-            quant_type=self.quant_type, double_quant=self.double_quant, compute_dtype=self.compute_dtype,
-            quant_storage=self.quant_storage, blocksize=self.blocksize, quantize=self.quantize,
+            quant_type=self.quant_type,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype,
+            quant_storage=self.quant_storage,
+            blocksize=self.blocksize,
+            quantize=self.quantize,
             keep_dense=self.keep_dense,
         )
 
@@ -213,7 +234,8 @@ def quantize(
     if not dense and not existing:
         kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         raise QuantizationError(
-            f"QLoRA found no linear layers to quantize in {type(model).__name__} (leaf modules: {', '.join(kinds)})"
+            f"QLoRA found no linear layers to quantize in {type(model).__name__} (leaf modules: "
+            f"{', '.join(kinds)})"
         )
     chosen = {n for n, _ in find_targets(model, targets, kinds=linear_kinds())}
     # and what the model itself keeps in full precision (T5's ``wo``: its code casts to that weight's dtype)
@@ -231,7 +253,9 @@ def quantize(
     if not todo and existing:  # quantized at load time (transformers' BitsAndBytesConfig): keep it
         return QuantReport(0, 0, 0)
     if not todo:
-        raise QuantizationError(f"QLoRA: quantize={list(targets)} minus keep_dense={list(keep_dense)} leaves no layer")
+        raise QuantizationError(
+            f"QLoRA: quantize={list(targets)} minus keep_dense={list(keep_dense)} leaves no layer"
+        )
     before = after = 0
     for name, module in todo:
         before += weight_bytes(module)
@@ -255,19 +279,37 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {i for i, c in count.items() if c > 1}
 
 
-def _to_4bit(bnb, module: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype | None,
-             quant_storage: torch.dtype, blocksize: int) -> nn.Module:
+def _to_4bit(
+    bnb,
+    module: nn.Module,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype | None,
+    quant_storage: torch.dtype,
+    blocksize: int,
+) -> nn.Module:
     conv1d = is_conv1d(module)
     w = module.weight.detach()
     w = w.T if conv1d else w  # (out, in): Linear4bit's layout
     out_f, in_f = w.shape
     q = bnb.nn.Linear4bit(
-        in_f, out_f, bias=module.bias is not None, compute_dtype=compute_dtype or w.dtype,
-        compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage, device="meta",
+        in_f,
+        out_f,
+        bias=module.bias is not None,
+        compute_dtype=compute_dtype or w.dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        device="meta",
     )
     q.weight = bnb.nn.Params4bit(
-        w.contiguous(), requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
-        quant_type=quant_type, quant_storage=quant_storage, module=q,
+        w.contiguous(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        module=q,
     ).to(w.device)  # quantizes here
     if module.bias is not None:
         q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
@@ -318,8 +360,11 @@ def merge(model: nn.Module, name: str | None = None, requantize: bool = False) -
         if is_4bit(m):
             w = m.weight
             settings[n.removesuffix(".base")] = dict(
-                quant_type=w.quant_type, double_quant=w.compress_statistics, compute_dtype=m.compute_dtype,
-                quant_storage=w.quant_storage, blocksize=w.blocksize,
+                quant_type=w.quant_type,
+                double_quant=w.compress_statistics,
+                compute_dtype=m.compute_dtype,
+                quant_storage=w.quant_storage,
+                blocksize=w.blocksize,
             )
     dequantize(model)
     if any(True for _ in lora_layers(model)):

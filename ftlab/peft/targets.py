@@ -84,7 +84,9 @@ def select_layers(selection: LayerSelection, n_layers: int) -> set[int]:
 
 def _check_index(i: int, n_layers: int) -> int:
     if not -n_layers <= i < n_layers:
-        raise TargetError(f"layer index {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        raise TargetError(
+            f"layer index {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
     return i % n_layers
 
 
@@ -127,7 +129,8 @@ def find_targets(
             chosen.append((name, module))
     if not chosen:
         raise TargetError(
-            f"targets {targets} (layers={layers!r}) match no module. Candidates: {', '.join(module_patterns(candidates))}"
+            f"targets {targets} (layers={layers!r}) match no module. Candidates: "
+            f"{', '.join(module_patterns(candidates))}"
         )
     return chosen
 

@@ -29,8 +29,10 @@ dotted keys it sets, so adding a point is one line and leaves the other points' 
 
     grid:
       method:
-        lora: {model.init_args.method: {class_path: ftlab.peft.LoRA}, model.init_args.optimizer.init_args.lr: 5.0e-4}
-        full: {model.init_args.method: {class_path: ftlab.peft.Full}, model.init_args.optimizer.init_args.lr: 3.0e-5}
+        lora: {model.init_args.method: {class_path: ftlab.peft.LoRA},
+               model.init_args.optimizer.init_args.lr: 5.0e-4}
+        full: {model.init_args.method: {class_path: ftlab.peft.Full},
+               model.init_args.optimizer.init_args.lr: 3.0e-5}
 
 Relative paths are relative to the current directory, like ``ftlab fit``'s.
 
@@ -71,19 +73,35 @@ __all__ = ["Point", "Run", "Sweep", "SweepError", "load", "main", "plan"]
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="ftlab sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="the sweep file (YAML: base, grid, seeds, fixed, budget, metric, out, name)")
+    parser = argparse.ArgumentParser(
+        prog="ftlab sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "sweep", help="the sweep file (YAML: base, grid, seeds, fixed, budget, metric, out, name)"
+    )
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1)")
-    parser.add_argument("--seeds", metavar="N|S,S,...",
-                        help="seeds for every point: a count (3 = seeds 0, 1, 2) or a list; overrides the file's")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check every point and print the commands; run nothing")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                        help="paired test of point A against point B from finished runs; run nothing")
+    parser.add_argument(
+        "--seeds",
+        metavar="N|S,S,...",
+        help="seeds for every point: a count (3 = seeds 0, 1, 2) or a list; overrides the file's",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check every point and print the commands; run nothing"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="paired test of point A against point B from finished runs; run nothing",
+    )
     parser.add_argument("--out", help="results folder (overrides the file's 'out')")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra fixed override for every point (repeatable), e.g. trainer.max_steps=5")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra fixed override for every point (repeatable), e.g. trainer.max_steps=5",
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {args.parallel}")
@@ -95,8 +113,11 @@ def main(argv: list[str]) -> None:
         return
     runs = sweep.runs
     seeds = f" x {len(sweep.seeds)} seeds" if sweep.seeds else ""
-    print(f"ftlab sweep: {sweep.name}: {len(sweep.points)} points{seeds} = {len(runs)} runs, metric "
-          f"{sweep.metric}, results in {sweep.out}", flush=True)
+    print(
+        f"ftlab sweep: {sweep.name}: {len(sweep.points)} points{seeds} = {len(runs)} runs, metric "
+        f"{sweep.metric}, results in {sweep.out}",
+        flush=True,
+    )
     if args.dry_run:
         for i, r in enumerate(runs, 1):
             state = "done" if sweep.finished(r) else "to run"
@@ -107,6 +128,8 @@ def main(argv: list[str]) -> None:
     failed = run(sweep, args.parallel)
     print(f"ftlab sweep: results in {sweep.out}/: results.csv, results.md, plot.png")
     if failed:
-        print(f"ftlab sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(r.label for r in failed)}",
-              file=sys.stderr)
+        print(
+            f"ftlab sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(r.label for r in failed)}",
+            file=sys.stderr,
+        )
         sys.exit(1)

@@ -39,7 +39,11 @@ def example_key(metric: str) -> str | None:
 
 def read_run(run_dir: Path, key: str) -> Examples | None:
     """The newest ``val_examples.npz`` under ``run_dir``, if it holds ``key``."""
-    found = sorted(Path(run_dir).rglob("val_examples.npz"), key=lambda p: p.stat().st_mtime) if run_dir.exists() else []
+    found = (
+        sorted(Path(run_dir).rglob("val_examples.npz"), key=lambda p: p.stat().st_mtime)
+        if run_dir.exists()
+        else []
+    )
     if not found:
         return None
     with np.load(found[-1], allow_pickle=False) as data:
@@ -70,8 +74,11 @@ def read_saved(path: Path) -> dict[str, Examples]:
     if not path.exists():
         return {}
     with np.load(path, allow_pickle=False) as data:
-        return {k: Examples(np.asarray(data[k], dtype=np.float64), str(data[k + "::digest"]))
-                for k in data.files if not k.endswith("::digest")}
+        return {
+            k: Examples(np.asarray(data[k], dtype=np.float64), str(data[k + "::digest"]))
+            for k in data.files
+            if not k.endswith("::digest")
+        }
 
 
 def save(sweep: Sweep, examples: dict[str, dict[int | None, Examples]]) -> None:
@@ -87,8 +94,9 @@ def save(sweep: Sweep, examples: dict[str, dict[int | None, Examples]]) -> None:
         np.savez_compressed(sweep.out / EXAMPLES_FILE, **arrays)
 
 
-def pair(a: dict[int | None, Examples], b: dict[int | None, Examples], names: tuple[str, str] = ("A", "B")
-         ) -> tuple[list[int | None], np.ndarray, np.ndarray, list[int | None]]:
+def pair(
+    a: dict[int | None, Examples], b: dict[int | None, Examples], names: tuple[str, str] = ("A", "B")
+) -> tuple[list[int | None], np.ndarray, np.ndarray, list[int | None]]:
     """(shared seeds, A's (S, N) scores, B's (S, N) scores, seeds left out) for a paired test.
 
     Raises ``ValueError`` when A and B share no seed, or when a shared seed's runs were validated on
@@ -96,16 +104,20 @@ def pair(a: dict[int | None, Examples], b: dict[int | None, Examples], names: tu
     """
     shared = [s for s in a if s in b]
     if not shared:
-        raise ValueError(f"{names[0]} and {names[1]} share no seed with per-example results "
-                         f"({names[0]}: seeds {sorted(a, key=str)}, {names[1]}: seeds {sorted(b, key=str)}); "
-                         "a paired test needs runs of the same seeds")
+        raise ValueError(
+            f"{names[0]} and {names[1]} share no seed with per-example results "
+            f"({names[0]}: seeds {sorted(a, key=str)}, {names[1]}: seeds {sorted(b, key=str)}); "
+            "a paired test needs runs of the same seeds"
+        )
     shared.sort(key=lambda s: (s is None, s))
     for s in shared:
         ea, eb = a[s], b[s]
         if ea.values.shape != eb.values.shape or ea.digest != eb.digest:
-            raise ValueError(f"seed {s}: {names[0]} and {names[1]} were validated on different examples "
-                             f"({len(ea.values)} vs {len(eb.values)} examples, digests {ea.digest[:8]} vs "
-                             f"{eb.digest[:8]}); their runs are not paired")
+            raise ValueError(
+                f"seed {s}: {names[0]} and {names[1]} were validated on different examples "
+                f"({len(ea.values)} vs {len(eb.values)} examples, digests {ea.digest[:8]} vs "
+                f"{eb.digest[:8]}); their runs are not paired"
+            )
     left_out = sorted(set(a) ^ set(b), key=str)
     return shared, np.stack([a[s].values for s in shared]), np.stack([b[s].values for s in shared]), left_out
 
@@ -118,29 +130,42 @@ def compare(sweep: Sweep, first: str, second: str, draws: int = 10_000) -> str:
         if name not in labels:
             raise SweepError(f"--compare: no grid point {name!r}; points: {', '.join(labels)}")
         if name not in examples:
-            raise SweepError(f"--compare: point {name!r} has no finished run with per-example results for "
-                             f"{sweep.metric} (the objective must return them from validation_step; "
-                             "see ftlab/sweep/record.py)")
+            raise SweepError(
+                f"--compare: point {name!r} has no finished run with per-example results for "
+                f"{sweep.metric} (the objective must return them from validation_step; "
+                "see ftlab/sweep/record.py)"
+            )
     seeds, a, b, left_out = pair(examples[first], examples[second], (first, second))
     result = paired_bootstrap(a, b, draws=draws)
     verdict = {"A > B": f"{first} > {second}", "A < B": f"{first} < {second}"}.get(
-        result.verdict, "indistinguishable at 95%")
-    lines = [f"{sweep.name}: {first} (A) vs {second} (B) on {sweep.metric}",
-             f"paired over {result.seeds} seed(s) {seeds} x {result.examples} examples"
-             + (f"; seeds left out (only one side has them): {left_out}" if left_out else ""),
-             (f"A {result.mean_a:.4f}   B {result.mean_b:.4f}   A - B {result.diff:+.4f} "
-              f"[95% CI {result.low:+.4f}, {result.high:+.4f}]   p = {result.p:.3g} (paired bootstrap, "
-              f"{draws} draws over seeds and examples)")]
+        result.verdict, "indistinguishable at 95%"
+    )
+    lines = [
+        f"{sweep.name}: {first} (A) vs {second} (B) on {sweep.metric}",
+        f"paired over {result.seeds} seed(s) {seeds} x {result.examples} examples"
+        + (f"; seeds left out (only one side has them): {left_out}" if left_out else ""),
+        (
+            f"A {result.mean_a:.4f}   B {result.mean_b:.4f}   A - B {result.diff:+.4f} "
+            f"[95% CI {result.low:+.4f}, {result.high:+.4f}]   p = {result.p:.3g} (paired bootstrap, "
+            f"{draws} draws over seeds and examples)"
+        ),
+    ]
     if np.isin(a, (0, 1)).all() and np.isin(b, (0, 1)).all():
         for s, ra, rb in zip(seeds, a, b):
             only_a, only_b, p = mcnemar(ra, rb)
-            lines.append(f"seed {s}: McNemar exact p = {p:.3g} (only A right: {only_a}, only B right: {only_b})")
+            lines.append(
+                f"seed {s}: McNemar exact p = {p:.3g} (only A right: {only_a}, only B right: {only_b})"
+            )
     lines.append(f"verdict: {verdict}")
     return "\n".join(lines)
 
 
-def versus_best(means: dict[str, float], examples: dict[str, dict[int | None, Examples]], goal: str = "max",
-                draws: int = 10_000) -> tuple[str | None, dict[str, PairedResult | str]]:
+def versus_best(
+    means: dict[str, float],
+    examples: dict[str, dict[int | None, Examples]],
+    goal: str = "max",
+    draws: int = 10_000,
+) -> tuple[str | None, dict[str, PairedResult | str]]:
     """The best point by mean (the highest for ``goal="max"``) and, for every other, its paired result
     against it (``point - best``), or a text saying why there is none.
 

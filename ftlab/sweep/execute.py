@@ -24,8 +24,13 @@ def wandb_env(sweep: Sweep, run: Run, env: dict[str, str]) -> dict[str, str]:
     tags = [t for t in env.get("WANDB_TAGS", "").split(",") if t] + ["sweep", sweep.name[:64]]
     if run.seed is not None:
         tags.append(f"seed={run.seed}")
-    return dict(env, WANDB_NAME=run.label[:128], WANDB_RUN_GROUP=f"{sweep.name}/{run.point.label}"[:128],
-                WANDB_JOB_TYPE=sweep.name[:64], WANDB_TAGS=",".join(dict.fromkeys(tags)))
+    return dict(
+        env,
+        WANDB_NAME=run.label[:128],
+        WANDB_RUN_GROUP=f"{sweep.name}/{run.point.label}"[:128],
+        WANDB_JOB_TYPE=sweep.name[:64],
+        WANDB_TAGS=",".join(dict.fromkeys(tags)),
+    )
 
 
 def run(sweep: Sweep, parallel: int = 1) -> list[Run]:
@@ -47,8 +52,9 @@ def run(sweep: Sweep, parallel: int = 1) -> list[Run]:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     failed: list[Run] = []
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {pool.submit(_run_one, r, wandb_env(sweep, r, env), runs.index(r) + 1, len(runs)): r
-                   for r in todo}
+        futures = {
+            pool.submit(_run_one, r, wandb_env(sweep, r, env), runs.index(r) + 1, len(runs)): r for r in todo
+        }
         try:
             for future in as_completed(futures):
                 if not future.result():
@@ -71,14 +77,29 @@ def _run_one(run: Run, env: dict[str, str], i: int, n: int) -> bool:
         fh.flush()
         code = subprocess.call(run.command, stdout=fh, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - start
-    (run.run_dir / "sweep_point.json").write_text(json.dumps(
-        {"label": run.label, "point": run.point.label, "seed": run.seed, "overrides": run.point.overrides,
-         "returncode": code, "wall_s": round(wall, 1), "config_sha": run.config_sha, "command": run.command},
-        indent=2, default=str))
+    (run.run_dir / "sweep_point.json").write_text(
+        json.dumps(
+            {
+                "label": run.label,
+                "point": run.point.label,
+                "seed": run.seed,
+                "overrides": run.point.overrides,
+                "returncode": code,
+                "wall_s": round(wall, 1),
+                "config_sha": run.config_sha,
+                "command": run.command,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     if code == 0 and run.summary() is not None:
         print(f"ftlab sweep: [{i}/{n}] {run.label}: done in {wall:.0f} s", flush=True)
         return True
     tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-    print(f"ftlab sweep: [{i}/{n}] {run.label}: FAILED (exit {code}, no summary.json); end of {log}:\n{tail}",
-          file=sys.stderr, flush=True)
+    print(
+        f"ftlab sweep: [{i}/{n}] {run.label}: FAILED (exit {code}, no summary.json); end of {log}:\n{tail}",
+        file=sys.stderr,
+        flush=True,
+    )
     return False

@@ -23,6 +23,7 @@ from ftlab.sweep.spec import Point, Run, Sweep, SweepError, suggest
 #: Callbacks added to every run of a sweep: per-example validation results, and the budget it had.
 RECORD_CALLBACKS = ("ftlab.sweep.record.ExampleResults", "ftlab.sweep.record.Budget")
 
+
 def _flatten(key: str, value: Any):
     """(key, value) pairs for the command line: a mapping without class_path sets keys below ``key``."""
     if isinstance(value, dict) and value and "class_path" not in value:
@@ -74,12 +75,25 @@ def _points(sweep: Sweep) -> list[tuple[list[tuple[str, Any]], dict[str, str], s
     """(overrides, columns, label) of every grid combination, in grid order."""
     axes = []  # per grid key: [(overrides, column text, label part)]
     list_keys = [k for k, v in sweep.grid.items() if isinstance(v, list)]
-    short = _short_names(list(dict.fromkeys(
-        k for key in list_keys for value in sweep.grid[key] for k, _ in _flatten(key, value))))
+    short = _short_names(
+        list(
+            dict.fromkeys(
+                k for key in list_keys for value in sweep.grid[key] for k, _ in _flatten(key, value)
+            )
+        )
+    )
     for key, values in sweep.grid.items():
         if isinstance(values, dict):
-            axes.append([([kv for k, v in (sets or {}).items() for kv in _flatten(k, v)], {key: str(name)},
-                          f"{key}={name}") for name, sets in values.items()])
+            axes.append(
+                [
+                    (
+                        [kv for k, v in (sets or {}).items() for kv in _flatten(k, v)],
+                        {key: str(name)},
+                        f"{key}={name}",
+                    )
+                    for name, sets in values.items()
+                ]
+            )
         else:
             options = []
             for value in values:
@@ -104,8 +118,12 @@ def plan(sweep: Sweep) -> Sweep:
     if "steps" in sweep.budget:
         fixed.append(("trainer.max_steps", int(sweep.budget["steps"])))
     budget = {k: v for k, v in sweep.budget.items() if k != "steps"}
-    records = [{"class_path": RECORD_CALLBACKS[0]},
-               {"class_path": RECORD_CALLBACKS[1], "init_args": budget} if budget else {"class_path": RECORD_CALLBACKS[1]}]
+    records = [
+        {"class_path": RECORD_CALLBACKS[0]},
+        {"class_path": RECORD_CALLBACKS[1], "init_args": budget}
+        if budget
+        else {"class_path": RECORD_CALLBACKS[1]},
+    ]
     record_args = [a for cb in records for a in ("--trainer.callbacks+", json.dumps(cb))]
     parser = _parser(sweep)
     base_args = [a for b in sweep.base for a in ("--config", b)]
@@ -113,12 +131,17 @@ def plan(sweep: Sweep) -> Sweep:
     nodes = {k.rpartition(".")[0] for k in base_keys}
     seed_keys = sweep.seed_keys
     if seed_keys is None:
-        seed_keys = ["seed_everything"] + (["data.init_args.seed"] if "data.init_args.seed" in base_keys else [])
+        seed_keys = ["seed_everything"] + (
+            ["data.init_args.seed"] if "data.init_args.seed" in base_keys else []
+        )
     known_by_swaps: dict[str, set[str]] = {"[]": base_keys}
     for overrides, columns, label in _points(sweep):
         # Keys are checked against the config as this point's class swaps (if any) shape it.
-        swaps = [(k, v) for k, v in fixed + overrides
-                 if isinstance(v, dict) or k.endswith("class_path") or (k in nodes and isinstance(v, str))]
+        swaps = [
+            (k, v)
+            for k, v in fixed + overrides
+            if isinstance(v, dict) or k.endswith("class_path") or (k in nodes and isinstance(v, str))
+        ]
         cache_key = json.dumps(swaps, default=str)
         if cache_key not in known_by_swaps:
             swapped = _parse(parser, base_args + _args(swaps), sweep, "the base config")
@@ -127,11 +150,15 @@ def plan(sweep: Sweep) -> Sweep:
         for key, _ in fixed + overrides + [(k, 0) for k in (seed_keys if sweep.seeds else [])]:
             if key not in known:
                 leaves = known - {k.rpartition(".")[0] for k in known}
-                raise SweepError(f"{sweep.path}: key {key!r} is not in the config ({', '.join(sweep.base)})"
-                                 f"{suggest(key, leaves)}")
+                raise SweepError(
+                    f"{sweep.path}: key {key!r} is not in the config ({', '.join(sweep.base)})"
+                    f"{suggest(key, leaves)}"
+                )
         if sweep.seeds and any(k in seed_keys for k, _ in fixed + overrides):
-            raise SweepError(f"{sweep.path}: point {label!r} sets a seed key ({', '.join(seed_keys)}) that "
-                             "'seeds' sets for every run; leave it out of grid and fixed")
+            raise SweepError(
+                f"{sweep.path}: point {label!r} sets a seed key ({', '.join(seed_keys)}) that "
+                "'seeds' sets for every run; leave it out of grid and fixed"
+            )
         config = _parse(parser, base_args + _args(fixed + overrides) + record_args, sweep, f"point {label!r}")
         try:
             check_strategy(config.get("trainer"))
@@ -139,16 +166,29 @@ def plan(sweep: Sweep) -> Sweep:
             raise SweepError(f"{sweep.path}: point {label!r}: {err}") from None
         point = Point(overrides, columns, label, sweep.out / "runs" / _dirname(label))
         base_seed = config.get("seed_everything")
-        seeds = sweep.seeds or [base_seed if isinstance(base_seed, int) and not isinstance(base_seed, bool) else None]
+        seeds = sweep.seeds or [
+            base_seed if isinstance(base_seed, int) and not isinstance(base_seed, bool) else None
+        ]
         for seed in seeds:
             seeded = [(k, seed) for k in seed_keys] if sweep.seeds else []
             run_dir = point.dir / f"seed={seed}" if sweep.seeds else point.dir
             args = _args(fixed + overrides + seeded)
-            command = [sys.executable, "-m", "ftlab.cli", "fit", *base_args, *args, *record_args,
-                       "--trainer.default_root_dir", str(run_dir), *_redirect_loggers(config, run_dir)]
+            command = [
+                sys.executable,
+                "-m",
+                "ftlab.cli",
+                "fit",
+                *base_args,
+                *args,
+                *record_args,
+                "--trainer.default_root_dir",
+                str(run_dir),
+                *_redirect_loggers(config, run_dir),
+            ]
             sha = fingerprint(sweep.base, fixed + overrides + seeded, budget)
-            point.runs.append(Run(point, seed, f"{label} seed={seed}" if sweep.seeds else label, run_dir,
-                                  command, sha))
+            point.runs.append(
+                Run(point, seed, f"{label} seed={seed}" if sweep.seeds else label, run_dir, command, sha)
+            )
         sweep.points.append(point)
     dirs = [r.run_dir for r in sweep.runs]
     if len(set(dirs)) != len(dirs):
@@ -197,8 +237,14 @@ def _parser_for(base: tuple[str, ...]):
     with warnings.catch_warnings():
         # LightningCLI warns when args= is given beside sys.argv: parsing args= is the point here.
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli = _ParseOnly(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                         parser_kwargs={"exit_on_error": False}, args=[a for b in base for a in ("--config", b)])
+        cli = _ParseOnly(
+            Objective,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            parser_kwargs={"exit_on_error": False},
+            args=[a for b in base for a in ("--config", b)],
+        )
     return cli.parser
 
 

@@ -52,7 +52,9 @@ def batch_size_and_tokens(batch: Any) -> tuple[int, int]:
     return samples, tokens
 
 
-def steps_for_tokens(epoch_steps: Callable[[int], Iterable[int]], budget: int, max_epochs: int = 10_000) -> tuple[int, int]:
+def steps_for_tokens(
+    epoch_steps: Callable[[int], Iterable[int]], budget: int, max_epochs: int = 10_000
+) -> tuple[int, int]:
     """The fewest steps whose tokens reach ``budget``, walking epoch after epoch.
 
     ``epoch_steps(e)`` gives the tokens of each optimizer step of epoch ``e`` in training order.
@@ -66,8 +68,9 @@ def steps_for_tokens(epoch_steps: Callable[[int], Iterable[int]], budget: int, m
             if tokens >= budget:
                 return steps, tokens
         if seen == 0:
-            raise ValueError("a token budget needs training batches with tokens (input_ids); epoch "
-                             f"{epoch} has none")
+            raise ValueError(
+                f"a token budget needs training batches with tokens (input_ids); epoch {epoch} has none"
+            )
     raise ValueError(f"a budget of {budget} tokens is more than {max_epochs} epochs of this data")
 
 
@@ -98,8 +101,13 @@ class Budget(L.Callback):
                 loader.sampler.set_epoch(epoch)
             out = [batch_size_and_tokens(b)[1] for b in loader]
             if limit_batches is not None:
-                out = out[: (min(len(out), limit_batches) if isinstance(limit_batches, int)
-                             else int(len(out) * limit_batches))]
+                out = out[
+                    : (
+                        min(len(out), limit_batches)
+                        if isinstance(limit_batches, int)
+                        else int(len(out) * limit_batches)
+                    )
+                ]
             return out
 
         if self.epochs is not None:
@@ -108,7 +116,7 @@ class Budget(L.Callback):
 
         def epoch_steps(epoch: int) -> list[int]:
             toks = batches(epoch)
-            return [sum(toks[i: i + accumulate]) for i in range(0, len(toks), accumulate)]
+            return [sum(toks[i : i + accumulate]) for i in range(0, len(toks), accumulate)]
 
         steps, _ = steps_for_tokens(epoch_steps, int(self.tokens))
         return steps
@@ -119,8 +127,10 @@ class Budget(L.Callback):
         if trainer.datamodule is None:
             raise ValueError("Budget: a token or epoch budget needs a LightningDataModule to count the data")
         if self.tokens is not None and trainer.world_size > 1:
-            raise ValueError("Budget: a token budget is resolved in one process; with several, give "
-                             "trainer.max_steps or an epoch budget")
+            raise ValueError(
+                "Budget: a token budget is resolved in one process; with several, give "
+                "trainer.max_steps or an epoch budget"
+            )
         steps = self.resolve(trainer.datamodule, trainer.accumulate_grad_batches, trainer.limit_train_batches)
         trainer.fit_loop.epoch_loop.max_steps = steps
         trainer.fit_loop.max_epochs = -1
@@ -165,7 +175,9 @@ class ExampleResults(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._parts, self._digest = {}, hashlib.sha1()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if trainer.sanity_checking or dataloader_idx != 0 or not isinstance(outputs, dict):
             return
         if trainer.world_size > 1:
@@ -193,5 +205,9 @@ class ExampleResults(L.Callback):
             raise ValueError(f"validation_step returned per-example results of different lengths: {sizes}")
         directory = run_dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / "val_examples.npz", digest=np.array(self._digest.hexdigest()),
-                 step=np.array(trainer.global_step), **arrays)
+        np.savez(
+            directory / "val_examples.npz",
+            digest=np.array(self._digest.hexdigest()),
+            step=np.array(trainer.global_step),
+            **arrays,
+        )

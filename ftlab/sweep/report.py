@@ -17,8 +17,17 @@ from ftlab.sweep.planning import show
 from ftlab.sweep.spec import Run, Sweep
 
 #: summary.json fields copied into results.csv after the metrics.
-SUMMARY_FIELDS = ("params/trainable", "params/total", "params/trainable_pct", "perf/tokens_per_s",
-                  "perf/step_s", "perf/peak_mem_gib", "steps", "method", "objective")
+SUMMARY_FIELDS = (
+    "params/trainable",
+    "params/total",
+    "params/trainable_pct",
+    "perf/tokens_per_s",
+    "perf/step_s",
+    "perf/peak_mem_gib",
+    "steps",
+    "method",
+    "objective",
+)
 #: Their column names where they differ: a grid axis is often called ``method`` itself.
 RENAMED = {"method": "method_class", "objective": "objective_class"}
 #: budget.json fields: what each run trained on.
@@ -76,8 +85,21 @@ def rows(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
     table = [_row(sweep, run, metrics) for run in sweep.runs]
     logged = sorted(k for k in metrics if k != sweep.metric and k not in SUMMARY_FIELDS)  # perf/* are in both
     summary = [RENAMED.get(k, k) for k in SUMMARY_FIELDS]
-    columns = ["run", "point", "seed", *swept(sweep), "status", "metric", "value", *logged, *summary,
-               *BUDGET_FIELDS, "wall_s", "config_sha", "run_dir"]
+    columns = [
+        "run",
+        "point",
+        "seed",
+        *swept(sweep),
+        "status",
+        "metric",
+        "value",
+        *logged,
+        *summary,
+        *BUDGET_FIELDS,
+        "wall_s",
+        "config_sha",
+        "run_dir",
+    ]
     return columns, table
 
 
@@ -118,7 +140,9 @@ def aggregate(sweep: Sweep, table: list[dict[str, Any]]) -> list[dict[str, Any]]
         by_point.setdefault(r["point"], []).append(r)
     summaries: dict[str, Summary] = {}
     for label, runs in by_point.items():
-        values = [r["value"] for r in runs if r.get("status") == "done" and isinstance(r.get("value"), (int, float))]
+        values = [
+            r["value"] for r in runs if r.get("status") == "done" and isinstance(r.get("value"), (int, float))
+        ]
         if values:
             summaries[label] = summarize(values)
     best, versus = compare.versus_best({k: s.mean for k, s in summaries.items()}, examples, sweep.goal)
@@ -126,8 +150,12 @@ def aggregate(sweep: Sweep, table: list[dict[str, Any]]) -> list[dict[str, Any]]
     for point in sweep.points:
         runs = by_point.get(point.label, [])
         done = [r for r in runs if r.get("status") == "done"]
-        agg: dict[str, Any] = {"point": point.label, **point.columns, "summary": summaries.get(point.label),
-                               "n": len(done) if len(done) == len(runs) else f"{len(done)}/{len(runs)}"}
+        agg: dict[str, Any] = {
+            "point": point.label,
+            **point.columns,
+            "summary": summaries.get(point.label),
+            "n": len(done) if len(done) == len(runs) else f"{len(done)}/{len(runs)}",
+        }
         agg["versus"] = "best" if point.label == best else versus.get(point.label)
         for key in ("params/trainable_pct", "perf/tokens_per_s", "perf/peak_mem_gib"):
             agg[key] = _median([r.get(key) for r in done])
@@ -145,9 +173,11 @@ def verdict(sweep: Sweep, versus: Any) -> tuple[str, str]:
         return "", "**best**"
     if not isinstance(versus, PairedResult):
         return "", versus or ""
-    diff = f"{100 * versus.diff:+.2f} [{100 * versus.low:+.2f}, {100 * versus.high:+.2f}]" \
-        if sweep.metric.endswith(("accuracy", "f1", "exact_match")) else \
-        f"{versus.diff:+.4g} [{versus.low:+.4g}, {versus.high:+.4g}]"
+    diff = (
+        f"{100 * versus.diff:+.2f} [{100 * versus.low:+.2f}, {100 * versus.high:+.2f}]"
+        if sweep.metric.endswith(("accuracy", "f1", "exact_match"))
+        else f"{versus.diff:+.4g} [{versus.low:+.4g}, {versus.high:+.4g}]"
+    )
     worse = versus.high < 0 if sweep.goal == "max" else versus.low > 0
     better = versus.low > 0 if sweep.goal == "max" else versus.high < 0
     text = "worse" if worse else "better on shared seeds" if better else "≈ best"
@@ -163,23 +193,47 @@ def markdown(sweep: Sweep, points: list[dict[str, Any]]) -> str:
     pct = _percent(sweep.metric)
     unit = " (%)" if pct else ""
     scale = 100 if pct else 1
-    heads = [*swept(sweep), "n", f"{sweep.metric} mean{unit}", "sd", "95% CI",
-             f"vs best: Δ [95% CI]{' (points)' if pct else ''}", "verdict", "trainable %", "tokens/s",
-             "peak GiB", "steps", "samples", "tokens"]
+    heads = [
+        *swept(sweep),
+        "n",
+        f"{sweep.metric} mean{unit}",
+        "sd",
+        "95% CI",
+        f"vs best: Δ [95% CI]{' (points)' if pct else ''}",
+        "verdict",
+        "trainable %",
+        "tokens/s",
+        "peak GiB",
+        "steps",
+        "samples",
+        "tokens",
+    ]
     fixed = ", ".join(f"`{k}={show(v)}`" for k, v in sweep.fixed.items()) or "nothing"
     seeds = f"seeds {sweep.seeds}" if sweep.seeds else "one seed (the base config's)"
     budget = ", ".join(f"{k}: {v}" for k, v in sweep.budget.items()) or "the config's max_steps"
-    setup = (f"Base: {', '.join(f'`{b}`' for b in sweep.base)}; fixed: {fixed}; metric: `{sweep.metric}` "
-             f"({'higher' if sweep.goal == 'max' else 'lower'} is better); {seeds}; budget: {budget}.")
-    legend = ("Mean and sample sd over seeds, 95% Student-t interval of the mean. `vs best`: the point minus "
-              "the best point (best mean), paired over the seeds both have and the validation examples, 95% "
-              "paired-bootstrap interval and p-value (10,000 draws resampling seeds and examples); `≈ best` "
-              "when the interval contains 0. Each point is tested against the best without a correction for "
-              "multiple comparisons. tokens/s and peak memory: medians over seeds (comparable only between "
-              "runs that had the machine to themselves); steps, samples, tokens: what each run trained on "
-              "(non-padding tokens; a range when seeds differ).")
-    lines = [f"# Sweep `{sweep.name}`", "", setup, "", legend, "",
-             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    setup = (
+        f"Base: {', '.join(f'`{b}`' for b in sweep.base)}; fixed: {fixed}; metric: `{sweep.metric}` "
+        f"({'higher' if sweep.goal == 'max' else 'lower'} is better); {seeds}; budget: {budget}."
+    )
+    legend = (
+        "Mean and sample sd over seeds, 95% Student-t interval of the mean. `vs best`: the point minus "
+        "the best point (best mean), paired over the seeds both have and the validation examples, 95% "
+        "paired-bootstrap interval and p-value (10,000 draws resampling seeds and examples); `≈ best` "
+        "when the interval contains 0. Each point is tested against the best without a correction for "
+        "multiple comparisons. tokens/s and peak memory: medians over seeds (comparable only between "
+        "runs that had the machine to themselves); steps, samples, tokens: what each run trained on "
+        "(non-padding tokens; a range when seeds differ)."
+    )
+    lines = [
+        f"# Sweep `{sweep.name}`",
+        "",
+        setup,
+        "",
+        legend,
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "---|" * len(heads),
+    ]
     for p in points:
         s: Summary | None = p["summary"]
         diff, word = verdict(sweep, p["versus"])
@@ -187,13 +241,25 @@ def markdown(sweep: Sweep, points: list[dict[str, Any]]) -> str:
         if s is None:
             cells += ["", "", "", "", "", *[""] * 6]
         else:
-            cells += [f"{scale * s.mean:.2f}" if pct else _fmt(s.mean),
-                      "" if math.isnan(s.std) else (f"{scale * s.std:.2f}" if pct else _fmt(s.std)),
-                      "" if math.isnan(s.low) else (f"[{scale * s.low:.2f}, {scale * s.high:.2f}]" if pct
-                                                    else f"[{_fmt(s.low)}, {_fmt(s.high)}]"),
-                      diff, word,
-                      _fmt(p["params/trainable_pct"]), _fmt(p["perf/tokens_per_s"]), _fmt(p["perf/peak_mem_gib"]),
-                      _fmt(p["steps"]), _fmt(p["samples"]), _fmt(p["tokens"])]
+            cells += [
+                f"{scale * s.mean:.2f}" if pct else _fmt(s.mean),
+                "" if math.isnan(s.std) else (f"{scale * s.std:.2f}" if pct else _fmt(s.std)),
+                ""
+                if math.isnan(s.low)
+                else (
+                    f"[{scale * s.low:.2f}, {scale * s.high:.2f}]"
+                    if pct
+                    else f"[{_fmt(s.low)}, {_fmt(s.high)}]"
+                ),
+                diff,
+                word,
+                _fmt(p["params/trainable_pct"]),
+                _fmt(p["perf/tokens_per_s"]),
+                _fmt(p["perf/peak_mem_gib"]),
+                _fmt(p["steps"]),
+                _fmt(p["samples"]),
+                _fmt(p["tokens"]),
+            ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -228,8 +294,15 @@ def plot(sweep: Sweep, table: list[dict[str, Any]], points: list[dict[str, Any]]
             runs.setdefault(r["point"], []).append(float(r["value"]))
     x_key = columns[0] if columns else "point"
     xs = [_number(p.get(x_key)) for p in done]
-    fig, ax = plt.subplots(figsize=(6.4, max(3.2, 1.2 + 0.38 * len(done)) if not all(
-        isinstance(x, (int, float)) for x in xs) or not done else 4.0), dpi=120)
+    fig, ax = plt.subplots(
+        figsize=(
+            6.4,
+            max(3.2, 1.2 + 0.38 * len(done))
+            if not all(isinstance(x, (int, float)) for x in xs) or not done
+            else 4.0,
+        ),
+        dpi=120,
+    )
 
     def err(p):
         s = p["summary"]
@@ -246,8 +319,16 @@ def plot(sweep: Sweep, table: list[dict[str, Any]], points: list[dict[str, Any]]
         for i, (name, pts) in enumerate(series.items()):
             pts.sort(key=lambda t: t[0])
             colour = f"C{i}"
-            ax.errorbar([x for x, _ in pts], [p["summary"].mean for _, p in pts], yerr=[err(p) for _, p in pts],
-                        color=colour, marker="o", capsize=3, label=name or None, mfc=colour)
+            ax.errorbar(
+                [x for x, _ in pts],
+                [p["summary"].mean for _, p in pts],
+                yerr=[err(p) for _, p in pts],
+                color=colour,
+                marker="o",
+                capsize=3,
+                label=name or None,
+                mfc=colour,
+            )
             for x, p in pts:
                 ax.plot([x] * len(runs[p["point"]]), runs[p["point"]], ".", color=colour, alpha=0.35)
                 if hollow(p):
@@ -263,8 +344,16 @@ def plot(sweep: Sweep, table: list[dict[str, Any]], points: list[dict[str, Any]]
     else:  # categories: a marker per point (bars from zero would hide the differences that matter)
         for i, p in enumerate(done):
             s = p["summary"]
-            ax.errorbar([s.mean], [i], xerr=[err(p)], fmt="o", color="C0", capsize=3, zorder=3,
-                        mfc="white" if hollow(p) else "C0")
+            ax.errorbar(
+                [s.mean],
+                [i],
+                xerr=[err(p)],
+                fmt="o",
+                color="C0",
+                capsize=3,
+                zorder=3,
+                mfc="white" if hollow(p) else "C0",
+            )
             ax.plot(runs[p["point"]], [i] * len(runs[p["point"]]), ".", color="C0", alpha=0.35)
             ax.annotate(_fmt(s.mean), (s.mean, i), xytext=(4, 5), textcoords="offset points", fontsize=7)
         ax.set_yticks(range(len(done)), [p["point"] for p in done], fontsize=8)
@@ -273,7 +362,9 @@ def plot(sweep: Sweep, table: list[dict[str, Any]], points: list[dict[str, Any]]
         ax.set_xlabel(f"{sweep.metric} (mean, 95% CI; dots: seeds; hollow: below the best)")
         ax.locator_params(axis="x", nbins=5)
     n = f", {len(sweep.seeds)} seeds" if sweep.seeds else ""
-    ax.set_title(f"{sweep.name}: {sweep.metric}{n}" + ("" if done else " (no finished runs yet)"), fontsize=10)
+    ax.set_title(
+        f"{sweep.name}: {sweep.metric}{n}" + ("" if done else " (no finished runs yet)"), fontsize=10
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = sweep.out / "plot.png"

@@ -55,7 +55,9 @@ class Run:
     def result(self) -> Path | None:
         """``summary()`` if the last attempt succeeded with this run's settings, else None."""
         info = self.info()
-        if info and (info.get("returncode") != 0 or info.get("config_sha", self.config_sha) != self.config_sha):
+        if info and (
+            info.get("returncode") != 0 or info.get("config_sha", self.config_sha) != self.config_sha
+        ):
             return None
         return self.summary()
 
@@ -106,21 +108,27 @@ def parse_seeds(value: Any, where: str) -> list[int]:
         try:
             value = int(value) if "," not in value else [int(v) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise SweepError(f"{where}: seeds must be a count (3) or a list of integers (0,1,2), got {value!r}") from None
+            raise SweepError(
+                f"{where}: seeds must be a count (3) or a list of integers (0,1,2), got {value!r}"
+            ) from None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise SweepError(f"{where}: a seed count must be >= 1, got {value}")
         return list(range(value))
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise SweepError(f"{where}: seeds must be a count (3) or a non-empty list of integers, got {value!r}")
     if len(set(value)) != len(value):
         raise SweepError(f"{where}: seeds {value} repeat a value")
     return list(value)
 
 
-def load(path: str | Path, out: str | None = None, sets: list[str] | None = None,
-         seeds: str | None = None) -> Sweep:
+def load(
+    path: str | Path, out: str | None = None, sets: list[str] | None = None, seeds: str | None = None
+) -> Sweep:
     """Read and check a sweep file (structure only; ``plan`` checks it against the config)."""
     import yaml
 
@@ -135,8 +143,9 @@ def load(path: str | Path, out: str | None = None, sets: list[str] | None = None
         raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     for key in spec:
         if key not in SWEEP_KEYS:
-            raise SweepError(f"{path}: unknown key {key!r}{suggest(key, SWEEP_KEYS)}; "
-                             f"sweep keys: {', '.join(SWEEP_KEYS)}")
+            raise SweepError(
+                f"{path}: unknown key {key!r}{suggest(key, SWEEP_KEYS)}; sweep keys: {', '.join(SWEEP_KEYS)}"
+            )
     base = spec.get("base")
     base = [base] if isinstance(base, str) else list(base or [])
     if not base:
@@ -146,18 +155,24 @@ def load(path: str | Path, out: str | None = None, sets: list[str] | None = None
             raise SweepError(f"{path}: base config {b} does not exist (relative to {Path.cwd()})")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not grid:
-        raise SweepError(f"{path}: the grid is empty; give 'grid:' a dotted config key and a list of values, "
-                         "e.g. model.init_args.method.init_args.rank: [4, 8]")
+        raise SweepError(
+            f"{path}: the grid is empty; give 'grid:' a dotted config key and a list of values, "
+            "e.g. model.init_args.method.init_args.rank: [4, 8]"
+        )
     for key, values in grid.items():
         if isinstance(values, dict):  # named points: name -> {dotted key: value}
             if not values:
                 raise SweepError(f"{path}: grid key {key!r} has no named points")
             for name, sets_ in values.items():
                 if sets_ is not None and not isinstance(sets_, dict):
-                    raise SweepError(f"{path}: grid {key!r}, point {name!r}: a named point maps dotted config "
-                                     f"keys to values, got {sets_!r}")
+                    raise SweepError(
+                        f"{path}: grid {key!r}, point {name!r}: a named point maps dotted config "
+                        f"keys to values, got {sets_!r}"
+                    )
         elif not isinstance(values, list):
-            raise SweepError(f"{path}: grid key {key!r} needs a list of values (or named points), got {values!r}")
+            raise SweepError(
+                f"{path}: grid key {key!r} needs a list of values (or named points), got {values!r}"
+            )
         elif not values:
             raise SweepError(f"{path}: grid key {key!r} has an empty list of values")
     fixed = spec.get("fixed") or {}
@@ -175,7 +190,9 @@ def load(path: str | Path, out: str | None = None, sets: list[str] | None = None
     elif spec.get("seeds") is not None:
         seed_list = parse_seeds(spec["seeds"], f"{path}: 'seeds'")
     seed_keys = spec.get("seed_keys")
-    if seed_keys is not None and (not isinstance(seed_keys, list) or not all(isinstance(k, str) for k in seed_keys)):
+    if seed_keys is not None and (
+        not isinstance(seed_keys, list) or not all(isinstance(k, str) for k in seed_keys)
+    ):
         raise SweepError(f"{path}: 'seed_keys' is a list of dotted config keys, got {seed_keys!r}")
     budget = _budget(spec.get("budget"), path)
     metric = str(spec.get("metric") or "val/loss")
@@ -183,16 +200,30 @@ def load(path: str | Path, out: str | None = None, sets: list[str] | None = None
     if goal not in ("max", "min"):
         raise SweepError(f"{path}: 'goal' is max or min (which end of {metric} is better), got {goal!r}")
     out_dir = Path(out or spec.get("out") or path.parent)
-    return Sweep(path, base, grid, fixed, metric, goal, seed_list, seed_keys, budget, out_dir,
-                 str(spec.get("name") or out_dir.resolve().name), previous=_previous(out_dir))
+    return Sweep(
+        path,
+        base,
+        grid,
+        fixed,
+        metric,
+        goal,
+        seed_list,
+        seed_keys,
+        budget,
+        out_dir,
+        str(spec.get("name") or out_dir.resolve().name),
+        previous=_previous(out_dir),
+    )
 
 
 def _budget(value: Any, path: Path) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in BUDGET_KEYS:
-        raise SweepError(f"{path}: 'budget' is one of {{steps: N}}, {{tokens: N}}, {{epochs: X}}, got {value!r}")
-    (kind, amount), = value.items()
+        raise SweepError(
+            f"{path}: 'budget' is one of {{steps: N}}, {{tokens: N}}, {{epochs: X}}, got {value!r}"
+        )
+    ((kind, amount),) = value.items()
     if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
         raise SweepError(f"{path}: budget {kind} must be a positive number, got {amount!r}")
     if kind != "epochs" and float(amount) != int(amount):
@@ -211,5 +242,3 @@ def _previous(out: Path) -> dict[str, dict[str, str]]:
 def suggest(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-

@@ -18,8 +18,8 @@ def test_ranks_split_each_global_batch_of_the_single_process_order():
     ranks = [list(ResumableSampler(items, seed=3, trainer=_Trainer(2, r))) for r in (0, 1)]
     assert sorted(single) == items and single != items  # a permutation, shuffled
     for step in range(4):  # global batch 16 = 8 per rank
-        shards = ranks[0][step * 8:(step + 1) * 8] + ranks[1][step * 8:(step + 1) * 8]
-        assert sorted(shards) == sorted(single[step * 16:(step + 1) * 16])
+        shards = ranks[0][step * 8 : (step + 1) * 8] + ranks[1][step * 8 : (step + 1) * 8]
+        assert sorted(shards) == sorted(single[step * 16 : (step + 1) * 16])
 
 
 def test_order_depends_on_seed_and_epoch_only():

@@ -34,7 +34,9 @@ def test_synthetic_rows_are_deterministic_and_correct():
 
 
 def test_prompt_masking_labels_are_ignore_exactly_on_prompt_and_padding():
-    dm = InstructionData(template="alpaca_short", max_length=128, batch_size=4, synthetic_train_size=8, synthetic_val_size=4)
+    dm = InstructionData(
+        template="alpaca_short", max_length=128, batch_size=4, synthetic_train_size=8, synthetic_val_size=4
+    )
     dm.setup()
     tok = dm.tokenizer
     batch = next(iter(dm.val_dataloader()))
@@ -55,7 +57,9 @@ def test_prompt_masking_labels_are_ignore_exactly_on_prompt_and_padding():
 
 
 def test_train_on_prompt_keeps_prompt_labels():
-    dm = InstructionData(template="alpaca", train_on_prompt=True, max_length=512, synthetic_train_size=4, synthetic_val_size=2)
+    dm = InstructionData(
+        template="alpaca", train_on_prompt=True, max_length=512, synthetic_train_size=4, synthetic_val_size=2
+    )
     dm.setup()
     item = dm.splits["train"][0]
     assert item["labels"] == item["input_ids"]
@@ -67,8 +71,12 @@ def test_file_source_with_fields_system_and_history(tmp_path):
         {"q": "Count", "context": "1 2", "a": "3"},
     ]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
-    dm = InstructionData(source=str(path), fields={"instruction": "q", "output": "a", "system": "sys", "input": "context"},
-                         val_fraction=0.5, max_length=512)
+    dm = InstructionData(
+        source=str(path),
+        fields={"instruction": "q", "output": "a", "system": "sys", "input": "context"},
+        val_fraction=0.5,
+        max_length=512,
+    )
     prompt, response = dm.prompt_and_response({**rows[0], "_where": "x"})
     assert prompt.startswith("Be brief.\n\n### Instruction:\nWho are you?\n\n### Response:\nA model.\n\n")
     assert prompt.endswith("### Instruction:\nSay hi\n\n### Response:\n") and response == "hi"
@@ -81,7 +89,9 @@ def test_file_source_with_fields_system_and_history(tmp_path):
 def test_truncation_is_counted_not_dropped(caplog):
     # alpaca_short prompts of these 10 rows are 71-87 tokens, whole samples 76-94: at 89, four samples
     # lose the end of their response and every sample keeps some of it.
-    dm = InstructionData(template="alpaca_short", max_length=89, synthetic_train_size=10, synthetic_val_size=3)
+    dm = InstructionData(
+        template="alpaca_short", max_length=89, synthetic_train_size=10, synthetic_val_size=3
+    )
     with caplog.at_level("WARNING", logger="ftlab"):
         dm.setup()
     assert len(dm.splits["train"]) == 10

@@ -31,8 +31,14 @@ def test_best_fit_decreasing_packs_every_index_once_within_capacity_and_nearly_o
 @pytest.fixture(scope="module")
 def instruction_data():
     def make(packing: bool):
-        dm = InstructionData(template="alpaca_short", max_length=192, batch_size=3, synthetic_train_size=24,
-                             synthetic_val_size=4, packing=packing)
+        dm = InstructionData(
+            template="alpaca_short",
+            max_length=192,
+            batch_size=3,
+            synthetic_train_size=24,
+            synthetic_val_size=4,
+            packing=packing,
+        )
         dm.setup("fit")
         return dm
 
@@ -45,7 +51,8 @@ def test_packed_rows_hold_every_sample_once_with_positions_and_labels_restarting
     assert len(rows) < len(plain.splits["train"])
     assert all(sum(len(it["input_ids"]) for it in r) <= 192 for r in rows)
     assert Counter(tuple(it["input_ids"]) for r in rows for it in r) == Counter(
-        tuple(it["input_ids"]) for it in plain.splits["train"])
+        tuple(it["input_ids"]) for it in plain.splits["train"]
+    )
     batch = collate_packed(rows[:3], pad_id=256)
     ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
     mask = batch["attention_mask"]
@@ -54,10 +61,10 @@ def test_packed_rows_hold_every_sample_once_with_positions_and_labels_restarting
         at = 0
         for it in row:
             n = len(it["input_ids"])
-            assert ids[r, at:at + n].tolist() == it["input_ids"]
-            assert pos[r, at:at + n].tolist() == list(range(n))  # positions restart per sample
+            assert ids[r, at : at + n].tolist() == it["input_ids"]
+            assert pos[r, at : at + n].tolist() == list(range(n))  # positions restart per sample
             assert labels[r, at].item() == IGNORE  # never predicted from the previous sample
-            assert labels[r, at + 1:at + n].tolist() == it["labels"][1:]
+            assert labels[r, at + 1 : at + n].tolist() == it["labels"][1:]
             at += n
         assert mask[r, :at].all() and not mask[r, at:].any() and (labels[r, at:] == IGNORE).all()
         assert pos[r, at:].tolist() == list(range(ids.size(1) - at))  # the tail is a sequence of its own
@@ -94,8 +101,9 @@ def test_text_packs_whole_documents_or_a_stream_and_seq2seq_refuses():
 def test_training_loader_tells_each_batch_the_tokens_of_its_accumulation_window(instruction_data):
     plain, _ = instruction_data
     plain.batch_size = 2
-    trainer = SimpleNamespace(distributed_sampler_kwargs=None, fit_loop=None, accumulate_grad_batches=3,
-                              num_training_batches=5)  # 24 samples / 2 = 12 batches; Lightning runs 5
+    trainer = SimpleNamespace(
+        distributed_sampler_kwargs=None, fit_loop=None, accumulate_grad_batches=3, num_training_batches=5
+    )  # 24 samples / 2 = 12 batches; Lightning runs 5
     plain.trainer = trainer
     try:
         batches = list(plain.train_dataloader())

@@ -14,7 +14,8 @@ SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
 STS_ROWS = [
     "main-captions\tMSRvid\t2012test\t0001\t5.000\tA plane is taking off.\tAn air plane is taking off.",
     'main-news\theadlines\t2013\t0002\t1.400\tHe said "no" to them.\t"Yes," she said, \'maybe\'.',
-    "main-forums\tanswer-answer\t2016\t0008\t3\tIt depends on the school.\tIt really depends.\tStackExchange: a\tStackExchange: b",
+    "main-forums\tanswer-answer\t2016\t0008\t3\tIt depends on the school.\tIt really "
+    "depends.\tStackExchange: a\tStackExchange: b",
     "main-captions\tMSRvid\t2012test\t0004\t0.000\tA man plays a flute.\tA dog runs.",
 ]
 
@@ -28,7 +29,10 @@ def _sts_folder(tmp_path, train=STS_ROWS, dev=STS_ROWS[:2], test=STS_ROWS[2:]):
 def test_sts_files_read_with_extra_columns_and_raw_quotes(tmp_path):
     rows = read_sts(Path(_sts_folder(tmp_path)) / "sts-train.csv")
     assert [r["score"] for r in rows] == ["5.000", "1.400", "3", "0.000"]
-    assert rows[1]["sentence1"] == 'He said "no" to them.' and rows[1]["sentence2"] == '"Yes," she said, \'maybe\'.'
+    assert (
+        rows[1]["sentence1"] == 'He said "no" to them.'
+        and rows[1]["sentence2"] == "\"Yes,\" she said, 'maybe'."
+    )
     assert rows[2]["sentence2"] == "It really depends." and rows[2]["_where"].endswith("sts-train.csv:3")
 
 
@@ -44,7 +48,9 @@ def test_sts_folder_gives_three_splits_and_scaled_scores(tmp_path):
 
 def test_sts_score_outside_range_names_file_line_and_field(tmp_path):
     bad = STS_ROWS[:2] + ["main-news\theadlines\t2013\t0009\t5.2\ta b\tc d"]
-    with pytest.raises(DataError, match=r"sts-train.csv:3: field 'score' = 5.2 is outside score_range \[0, 5\]"):
+    with pytest.raises(
+        DataError, match=r"sts-train.csv:3: field 'score' = 5.2 is outside score_range \[0, 5\]"
+    ):
         PairData(source=_sts_folder(tmp_path, train=bad)).setup()
     bad = STS_ROWS[:1] + ["main-news\theadlines\t2013\t0009\thigh\ta b\tc d"]
     with pytest.raises(DataError, match=r"sts-train.csv:2: field 'score' = 'high' is not a number"):
@@ -59,9 +65,16 @@ def test_sts_short_row_names_file_and_line(tmp_path):
 
 def test_records_with_field_mapping_and_custom_score_range(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps({"a": f"text {i}", "b": f"other {i}", "y": i / 10}) for i in range(10)))
-    dm = PairData(source=str(path), fields={"sentence1": "a", "sentence2": "b", "score": "y"}, score_range=[0, 1],
-                  val_fraction=0.2, batch_size=8)
+    path.write_text(
+        "\n".join(json.dumps({"a": f"text {i}", "b": f"other {i}", "y": i / 10}) for i in range(10))
+    )
+    dm = PairData(
+        source=str(path),
+        fields={"sentence1": "a", "sentence2": "b", "score": "y"},
+        score_range=[0, 1],
+        val_fraction=0.2,
+        batch_size=8,
+    )
     dm.setup()
     assert len(dm.splits["train"]) == 8 and len(dm.splits["validation"]) == 2
     batch = next(iter(dm.val_dataloader()))
@@ -121,21 +134,33 @@ def test_nli_rows_become_triplets(tmp_path, caplog):
 def _nli_file(path, premises: int):
     lines = ["premise\thypothesis\tlabel"]
     for i in range(premises):
-        lines += [f"Man {i} sleeps .\tPerson {i} rests .\tentailment", f"Man {i} sleeps .\tMan {i} runs .\tcontradiction"]
+        lines += [
+            f"Man {i} sleeps .\tPerson {i} rests .\tentailment",
+            f"Man {i} sleeps .\tMan {i} runs .\tcontradiction",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
 
 def test_mix_source_gives_a_batch_of_each_source_per_step(tmp_path):
     # 64 graded pairs in batches of 8 (8 steps) beside 6 NLI triplets in batches of 3 (2, cycled)
-    dm = PairData(synthetic_task="scored", synthetic_size=64, batch_size=8, max_length=32,
-                  mix_source=_nli_file(tmp_path / "nli.tsv", 6), mix_format="nli", mix_batch_size=3)
+    dm = PairData(
+        synthetic_task="scored",
+        synthetic_size=64,
+        batch_size=8,
+        max_length=32,
+        mix_source=_nli_file(tmp_path / "nli.tsv", 6),
+        mix_format="nli",
+        mix_batch_size=3,
+    )
     dm.setup("fit")
     steps = [batch for batch, _, _ in dm.train_dataloader()]
     assert len(steps) == 8
     assert all(b["main"]["score"].shape == (8,) and b["main"]["input_ids"].size(0) == 16 for b in steps)
-    assert all(b["mix"]["roles"] == ["anchor", "positive", "negative"] and b["mix"]["input_ids"].size(0) == 9
-               for b in steps)
+    assert all(
+        b["mix"]["roles"] == ["anchor", "positive", "negative"] and b["mix"]["input_ids"].size(0) == 9
+        for b in steps
+    )
     anchors = torch.cat([b["mix"]["text_ids"][:3] for b in steps])  # (24,): 6 premises, each 4 times
     assert sorted(anchors.unique(return_counts=True)[1].tolist()) == [4] * 6
     assert dm.val_dataloader().dataset is dm.splits["validation"]  # validation: the main source only
@@ -144,7 +169,10 @@ def test_mix_source_gives_a_batch_of_each_source_per_step(tmp_path):
 
 
 def test_synthetic_tasks_are_deterministic_and_learnable_in_shape():
-    a, b = PairData(synthetic_task="scored", synthetic_size=50), PairData(synthetic_task="scored", synthetic_size=50)
+    a, b = (
+        PairData(synthetic_task="scored", synthetic_size=50),
+        PairData(synthetic_task="scored", synthetic_size=50),
+    )
     assert a.synthetic_rows("train") == b.synthetic_rows("train")
     rows = a.synthetic_rows("train")
     for row in rows:

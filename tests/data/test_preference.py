@@ -9,44 +9,57 @@ from ftlab.data.preference import clean_pairs, labelstudio_pairs, split_hh
 SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
 
 
-
-
 def _jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
 def _hh(question, answer):
-    return f"\n\nHuman: hi there\n\nAssistant: hello, how can I help?\n\nHuman: {question}\n\nAssistant: {answer}"
+    opening = "\n\nHuman: hi there\n\nAssistant: hello, how can I help?"
+    return f"{opening}\n\nHuman: {question}\n\nAssistant: {answer}"
 
 
 def test_hh_split_takes_the_shared_conversation_as_prompt():
-    prompt, chosen, rejected = split_hh(_hh("a pun?", "Time flies like an arrow, they say."),
-                                        _hh("a pun?", "No, I will not do that for you."), "f:1")
+    prompt, chosen, rejected = split_hh(
+        _hh("a pun?", "Time flies like an arrow, they say."),
+        _hh("a pun?", "No, I will not do that for you."),
+        "f:1",
+    )
     assert prompt == "\n\nHuman: hi there\n\nAssistant: hello, how can I help?\n\nHuman: a pun?\n\nAssistant:"
     assert chosen == "Time flies like an arrow, they say." and rejected == "No, I will not do that for you."
     # responses starting with the same words: the prompt still ends at the last assistant marker
-    prompt, chosen, rejected = split_hh(_hh("q", "Sure thing, here it is."), _hh("q", "Sure thing, no."), "f:1")
+    prompt, chosen, rejected = split_hh(
+        _hh("q", "Sure thing, here it is."), _hh("q", "Sure thing, no."), "f:1"
+    )
     assert prompt.endswith("\n\nHuman: q\n\nAssistant:") and chosen == "Sure thing, here it is."
 
 
 def test_hh_rows_without_a_shared_prompt_name_file_and_line(tmp_path):
-    rows = [{"chosen": _hh("q", "one two three four five"), "rejected": _hh("q", "five four three two one")},
-            {"chosen": "\n\nHuman: a\n\nAssistant: x y z w v", "rejected": "\n\nHuman: b\n\nAssistant: x y z w v"}]
+    rows = [
+        {"chosen": _hh("q", "one two three four five"), "rejected": _hh("q", "five four three two one")},
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: x y z w v",
+            "rejected": "\n\nHuman: b\n\nAssistant: x y z w v",
+        },
+    ]
     with pytest.raises(DataError, match=r"hh.jsonl:2: fields 'chosen' and 'rejected' share no prompt"):
         PreferenceData(source=_jsonl(tmp_path / "hh.jsonl", rows)).setup()
-    rows[1] = {"chosen": _hh("q", "a b c d e") + "\n\nHuman: more\n\nAssistant: f g h i j",
-               "rejected": _hh("q", "v w x y z") + "\n\nHuman: more\n\nAssistant: f g h i j"}
+    rows[1] = {
+        "chosen": _hh("q", "a b c d e") + "\n\nHuman: more\n\nAssistant: f g h i j",
+        "rejected": _hh("q", "v w x y z") + "\n\nHuman: more\n\nAssistant: f g h i j",
+    }
     with pytest.raises(DataError, match=r"hh.jsonl:2: .*differ before their last assistant turn"):
         PreferenceData(source=_jsonl(tmp_path / "hh.jsonl", rows)).setup()
 
 
 def test_cleaning_counts_each_rule_and_logs_them(tmp_path, caplog):
     long_a, long_b = "this answer has plenty of words", "that answer also has enough words"
-    rows = ([{"prompt": "p", "chosen": long_a, "rejected": long_b}] * 6
-            + [{"prompt": "p", "chosen": long_a, "rejected": long_a + "  "}] * 2  # equal once stripped
-            + [{"prompt": "p", "chosen": "too short", "rejected": long_b}] * 3
-            + [{"prompt": "p", "chosen": long_a, "rejected": "four words only here"}])
+    rows = (
+        [{"prompt": "p", "chosen": long_a, "rejected": long_b}] * 6
+        + [{"prompt": "p", "chosen": long_a, "rejected": long_a + "  "}] * 2  # equal once stripped
+        + [{"prompt": "p", "chosen": "too short", "rejected": long_b}] * 3
+        + [{"prompt": "p", "chosen": long_a, "rejected": "four words only here"}]
+    )
     kept, counts = clean_pairs([dict(r) for r in rows], min_words=5)
     assert counts == {"rows": 12, "identical": 2, "too_short": 4, "kept": 6} and len(kept) == 6
     assert clean_pairs([dict(r) for r in rows], min_words=0)[1]["kept"] == 10
@@ -58,12 +71,23 @@ def test_cleaning_counts_each_rule_and_logs_them(tmp_path, caplog):
 
 
 def test_oasst_turn_list_prompts_are_rendered(tmp_path):
-    rows = [{"prompt": [{"from": "human", "value": "Plan a trip"}, {"from": "gpt", "value": "Where to?"},
-                        {"from": "human", "value": "Hungary"}],
-             "chosen": "Start in Budapest and take the train to Pecs.", "rejected": "I do not know much about it.",
-             "chosen_rank": 0, "rejected_rank": 1}]
+    rows = [
+        {
+            "prompt": [
+                {"from": "human", "value": "Plan a trip"},
+                {"from": "gpt", "value": "Where to?"},
+                {"from": "human", "value": "Hungary"},
+            ],
+            "chosen": "Start in Budapest and take the train to Pecs.",
+            "rejected": "I do not know much about it.",
+            "chosen_rank": 0,
+            "rejected_rank": 1,
+        }
+    ]
     rows = PreferenceData(source=_jsonl(tmp_path / "o.jsonl", rows)).raw_rows("train")
-    assert rows[0]["prompt"] == "\n\nHuman: Plan a trip\n\nAssistant: Where to?\n\nHuman: Hungary\n\nAssistant:"
+    assert (
+        rows[0]["prompt"] == "\n\nHuman: Plan a trip\n\nAssistant: Where to?\n\nHuman: Hungary\n\nAssistant:"
+    )
     bad = [{"prompt": [{"from": "robot", "value": "x"}], "chosen": "a b c d e", "rejected": "e d c b a"}]
     with pytest.raises(DataError, match=r"o.jsonl:1: field prompt\[0\].from = 'robot'"):
         PreferenceData(source=_jsonl(tmp_path / "o.jsonl", bad)).raw_rows("train")
@@ -79,22 +103,44 @@ def test_empty_prompt_and_missing_field(tmp_path):
 
 
 def _ls_task(i, selected="left", kind="pairwise", cancelled=False, annotations=True):
-    result = [{"value": {"selected": selected} if kind == "pairwise" else {"choices": ["A"]},
-               "from_name": "comparison", "to_name": "comparison", "type": kind, "origin": "manual"}]
+    result = [
+        {
+            "value": {"selected": selected} if kind == "pairwise" else {"choices": ["A"]},
+            "from_name": "comparison",
+            "to_name": "comparison",
+            "type": kind,
+            "origin": "manual",
+        }
+    ]
     anns = [{"id": 100 + i, "result": result, "was_cancelled": cancelled}] if annotations else []
-    return {"id": i, "annotations": anns, "data": {"prompt": f"Question {i}?",
-            "answer1": f"left answer number {i} with words", "answer2": f"right answer number {i} with words"},
-            "project": 1, "predictions": []}
+    return {
+        "id": i,
+        "annotations": anns,
+        "data": {
+            "prompt": f"Question {i}?",
+            "answer1": f"left answer number {i} with words",
+            "answer2": f"right answer number {i} with words",
+        },
+        "project": 1,
+        "predictions": [],
+    }
 
 
 def test_labelstudio_export_becomes_pairs(tmp_path):
-    tasks = [_ls_task(1, "left"), _ls_task(2, "right"), _ls_task(3, cancelled=True), _ls_task(4, annotations=False)]
+    tasks = [
+        _ls_task(1, "left"),
+        _ls_task(2, "right"),
+        _ls_task(3, cancelled=True),
+        _ls_task(4, annotations=False),
+    ]
     path = tmp_path / "export.json"
     path.write_text(json.dumps(tasks))
     dm = PreferenceData(source=str(path), val_fraction=0, max_length=64)
     rows = dm.raw_rows("train")
     assert [(r["prompt"], r["chosen"].split()[0], r["rejected"].split()[0]) for r in rows] == [
-        ("Question 1?", "left", "right"), ("Question 2?", "right", "left")]
+        ("Question 1?", "left", "right"),
+        ("Question 2?", "right", "left"),
+    ]
     _, counts = labelstudio_pairs([{**t, "_where": "x"} for t in tasks])
     assert counts == {"tasks": 4, "unlabelled": 2, "cancelled": 1, "empty": 0}
 
@@ -102,7 +148,9 @@ def test_labelstudio_export_becomes_pairs(tmp_path):
 def test_labelstudio_export_of_another_template_is_an_error(tmp_path):
     path = tmp_path / "export.json"
     path.write_text(json.dumps([_ls_task(1), _ls_task(7, kind="choices")]))
-    with pytest.raises(DataError, match=r"export.json:record 1 \(task 7\): annotation 107 has no 'pairwise' result"):
+    with pytest.raises(
+        DataError, match=r"export.json:record 1 \(task 7\): annotation 107 has no 'pairwise' result"
+    ):
         PreferenceData(source=str(path)).raw_rows("train")
     task = _ls_task(8)
     del task["data"]["answer2"]
@@ -116,13 +164,23 @@ def test_labelstudio_export_of_another_template_is_an_error(tmp_path):
 
 
 def test_truncation_keeps_the_responses_and_ends_on_eos(tmp_path):
-    rows = [{"prompt": "x" * 200 + " END OF PROMPT", "chosen": "the good answer is here", "rejected": "the bad one is here ok"}]
-    dm = PreferenceData(source=_jsonl(tmp_path / "t.jsonl", rows), val_fraction=0, max_length=60, batch_size=1)
+    rows = [
+        {
+            "prompt": "x" * 200 + " END OF PROMPT",
+            "chosen": "the good answer is here",
+            "rejected": "the bad one is here ok",
+        }
+    ]
+    dm = PreferenceData(
+        source=_jsonl(tmp_path / "t.jsonl", rows), val_fraction=0, max_length=60, batch_size=1
+    )
     dm.setup()
     tok = dm.tokenizer
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 60
-    chosen, rejected = (tok.decode(ids[m.bool()]) for ids, m in zip(batch["input_ids"], batch["attention_mask"]))
+    chosen, rejected = (
+        tok.decode(ids[m.bool()]) for ids, m in zip(batch["input_ids"], batch["attention_mask"])
+    )
     assert chosen.endswith("END OF PROMPT the good answer is here</s>") and chosen.startswith("<s>xxx")
     assert rejected.endswith("END OF PROMPT the bad one is here ok</s>")
 
@@ -138,7 +196,9 @@ def test_margin_field_and_synthetic_task():
 
 def test_margin_column(tmp_path):
     rows = [{"prompt": "q", "chosen": "a b c d e f", "rejected": "f e d c b a", "gap": g} for g in (1, 2.5)]
-    dm = PreferenceData(source=_jsonl(tmp_path / "m.jsonl", rows), fields={"margin": "gap"}, val_fraction=0, batch_size=2)
+    dm = PreferenceData(
+        source=_jsonl(tmp_path / "m.jsonl", rows), fields={"margin": "gap"}, val_fraction=0, batch_size=2
+    )
     dm.setup()
     assert sorted(next(iter(dm.train_dataloader()))["margin"].tolist()) == [1.0, 2.5]
     rows[1]["gap"] = "big"
@@ -149,10 +209,17 @@ def test_margin_column(tmp_path):
 @pytest.mark.skipif(not (SHARED / "hh_rlhf_harmless_base_test").exists(), reason="needs ../shared/data")
 def test_real_hh_oasst_and_labelstudio_files():
     hh = PreferenceData(source=str(SHARED / "hh_rlhf_harmless_base_test" / "test.jsonl.gz"))
-    assert len(hh.raw_rows("train")) == 2062 and hh.cleaning["train"] == {"rows": 2312, "identical": 0, "too_short": 250, "kept": 2062}
+    assert len(hh.raw_rows("train")) == 2062 and hh.cleaning["train"] == {
+        "rows": 2312,
+        "identical": 0,
+        "too_short": 250,
+        "kept": 2062,
+    }
     oasst = PreferenceData(source=str(SHARED / "oasst1_en_100_trees" / "en_100_ranked_pairs.jsonl"))
     rows = oasst.raw_rows("train")
-    assert oasst.cleaning["train"]["rows"] == 732 and all(r["prompt"].endswith("\n\nAssistant:") for r in rows)
+    assert oasst.cleaning["train"]["rows"] == 732 and all(
+        r["prompt"].endswith("\n\nAssistant:") for r in rows
+    )
     ls = PreferenceData(source=str(SHARED / "labelstudio_pairwise_export" / "ls_output_data.json"))
     assert ls.cleaning == {} and ls.raw_rows("train") and ls.cleaning["train"]["rows"] == 32
 

@@ -10,8 +10,14 @@ def test_text_packing_makes_full_blocks():
     dm.setup()
     blocks = dm.splits["train"]
     assert all(len(it["input_ids"]) == 32 for it in blocks)
-    encoded = [t for r in dm._splits()["train"] for t in dm.tokenizer(r["text"])["input_ids"] + [dm.tokenizer.eos_token_id]]
-    assert [t for it in blocks for t in it["input_ids"]] == encoded[: len(encoded) // 32 * 32]  # only the tail dropped
+    encoded = [
+        t
+        for r in dm._splits()["train"]
+        for t in dm.tokenizer(r["text"])["input_ids"] + [dm.tokenizer.eos_token_id]
+    ]
+    assert [t for it in blocks for t in it["input_ids"]] == encoded[
+        : len(encoded) // 32 * 32
+    ]  # only the tail dropped
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and int(batch["attention_mask"].sum()) >= 3 * 32
 

@@ -26,8 +26,10 @@ def _lcs_dp(a, b):
 
 def _brute_force_filter(texts, threshold, pool=()):
     """The Self-Instruct filter written plainly: DP LCS against everything kept so far."""
+
     def f(a, b):
         return 0.0 if not a or not b else 2 * _lcs_dp(a, b) / (len(a) + len(b))
+
     kept_tokens = [rouge_tokens(t) for t in pool]
     kept = []
     for i, text in enumerate(texts):
@@ -52,9 +54,20 @@ def _random_texts(n, seed):
 
 
 def test_rouge_tokens_match_rouge_score_defaults():
-    assert rouge_tokens("Write a Poem, about: cats & dogs!") == ["write", "a", "poem", "about", "cats", "dogs"]
+    assert rouge_tokens("Write a Poem, about: cats & dogs!") == [
+        "write",
+        "a",
+        "poem",
+        "about",
+        "cats",
+        "dogs",
+    ]
     assert rouge_tokens("It's 2-for-1 day") == ["it", "s", "2", "for", "1", "day"]
-    assert rouge_tokens("naïve café") == ["na", "ve", "caf"]  # non-ASCII letters split words, as in rouge_score
+    assert rouge_tokens("naïve café") == [
+        "na",
+        "ve",
+        "caf",
+    ]  # non-ASCII letters split words, as in rouge_score
 
 
 def test_lcs_matches_dynamic_programming():
@@ -79,8 +92,17 @@ def test_rouge_filter_keeps_exactly_the_brute_force_set(threshold, seed):
 
 
 def test_rouge_filter_cli_writes_survivors(tmp_path, capsys):
-    rows = [{"instruction": t, "output": str(i)} for i, t in enumerate(["Write a poem about the sea.",
-            "Write a poem about the sea!", "List three prime numbers.", "Write a short poem about the sea."])]
+    rows = [
+        {"instruction": t, "output": str(i)}
+        for i, t in enumerate(
+            [
+                "Write a poem about the sea.",
+                "Write a poem about the sea!",
+                "List three prime numbers.",
+                "Write a short poem about the sea.",
+            ]
+        )
+    ]
     src, out = tmp_path / "in.json", tmp_path / "out.jsonl"
     src.write_text(json.dumps(rows))
     ftlab_main(["data", "rouge-filter", "--input", str(src), "--output", str(out)])
@@ -102,35 +124,82 @@ def test_flan_templates_are_seeded_and_varied(tmp_path):
     with pytest.raises(DataError, match=r"f:0: field 'label' = '7' is not one of"):
         apply_templates([{"sentence": "x", "label": 7, "_where": "f:0"}], "sentiment")
     with pytest.raises(DataError, match=r"f:3: missing field 'text'"):
-        apply_templates([{"sentence": "x", "label": 1, "_where": "f:3"}], "sentiment", fields={"sentence": "text"})
+        apply_templates(
+            [{"sentence": "x", "label": 1, "_where": "f:3"}], "sentiment", fields={"sentence": "text"}
+        )
 
 
 def test_flan_cli_with_custom_templates_and_nli(tmp_path, capsys):
-    spec = {"fields": ["question", "answer"], "answers": None,
-            "templates": [{"instruction": "Answer: {question}", "output": "{answer}"},
-                          {"instruction": "Q: {question}", "input": "", "output": "{answer}"}]}
+    spec = {
+        "fields": ["question", "answer"],
+        "answers": None,
+        "templates": [
+            {"instruction": "Answer: {question}", "output": "{answer}"},
+            {"instruction": "Q: {question}", "input": "", "output": "{answer}"},
+        ],
+    }
     (tmp_path / "t.json").write_text(json.dumps(spec))
     (tmp_path / "qa.csv").write_text("q,a\n2+2?,4\nCapital of France?,Paris\n")
-    main(["flan", "--input", str(tmp_path / "qa.csv"), "--task", str(tmp_path / "t.json"),
-          "--field", "question=q", "--field", "answer=a", "--output", str(tmp_path / "o.jsonl")])
+    main(
+        [
+            "flan",
+            "--input",
+            str(tmp_path / "qa.csv"),
+            "--task",
+            str(tmp_path / "t.json"),
+            "--field",
+            "question=q",
+            "--field",
+            "answer=a",
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["output"] for r in out] == ["4", "Paris"] and out[0]["instruction"].endswith("2+2?")
-    nli = apply_templates([{"premise": "A dog runs.", "hypothesis": "An animal moves.", "label": "entailment"}], "nli")
-    assert nli[0]["output"] == "yes" and "OPTIONS:\n- yes\n- it is not possible to tell\n- no" in nli[0]["instruction"]
+    nli = apply_templates(
+        [{"premise": "A dog runs.", "hypothesis": "An animal moves.", "label": "entailment"}], "nli"
+    )
+    assert (
+        nli[0]["output"] == "yes"
+        and "OPTIONS:\n- yes\n- it is not possible to tell\n- no" in nli[0]["instruction"]
+    )
 
 
 def test_sharegpt_conversion_history_system_and_errors(tmp_path, capsys):
-    conv = {"id": "c1", "conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-        {"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "Blue"}, {"from": "human", "value": "?"}]}
+    conv = {
+        "id": "c1",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Name a color"},
+            {"from": "gpt", "value": "Blue"},
+            {"from": "human", "value": "?"},
+        ],
+    }
     rec = conversation_to_instruction(conv)
-    assert rec == {"instruction": "Name a color", "input": "", "output": "Blue", "history": [["Hi", "Hello"]],
-                   "system": "Be brief.", "id": "c1"}
-    (tmp_path / "sg.json").write_text(json.dumps([conv, {"conversations": [{"from": "human", "value": "alone"}]}]))
+    assert rec == {
+        "instruction": "Name a color",
+        "input": "",
+        "output": "Blue",
+        "history": [["Hi", "Hello"]],
+        "system": "Be brief.",
+        "id": "c1",
+    }
+    (tmp_path / "sg.json").write_text(
+        json.dumps([conv, {"conversations": [{"from": "human", "value": "alone"}]}])
+    )
     main(["sharegpt", "--input", str(tmp_path / "sg.json"), "--output", str(tmp_path / "o.jsonl")])
     assert "1 instruction records (1 history turns; 1 conversations without" in capsys.readouterr().out
-    bad = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}],
-           "_where": "sg.json:record 4"}
+    bad = {
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "human", "value": "b"},
+            {"from": "gpt", "value": "c"},
+        ],
+        "_where": "sg.json:record 4",
+    }
     with pytest.raises(DataError, match=r"sg.json:record 4: field conversations: turn 1 is 'user'"):
         conversation_to_instruction(bad)
     with pytest.raises(DataError, match=r"x:1: missing field 'conversations'"):
@@ -140,8 +209,14 @@ def test_sharegpt_conversion_history_system_and_errors(tmp_path, capsys):
 def test_sharegpt_output_reads_as_instruction_data(tmp_path):
     from ftlab.data import InstructionData
 
-    conv = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-                              {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Ciao"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Bye"},
+            {"from": "gpt", "value": "Ciao"},
+        ]
+    }
     (tmp_path / "sg.json").write_text(json.dumps([conv, conv]))
     main(["sharegpt", "--input", str(tmp_path / "sg.json"), "--output", str(tmp_path / "train.jsonl")])
     dm = InstructionData(source=str(tmp_path / "train.jsonl"), template="alpaca_short", val_fraction=0.5)
@@ -150,12 +225,24 @@ def test_sharegpt_output_reads_as_instruction_data(tmp_path):
 
 
 def test_labelstudio_cli(tmp_path, capsys):
-    task = {"id": 1, "data": {"prompt": "Q?", "answer1": "first", "answer2": "second"},
-            "annotations": [{"id": 2, "was_cancelled": False,
-                             "result": [{"type": "pairwise", "value": {"selected": "right"}}]}]}
+    task = {
+        "id": 1,
+        "data": {"prompt": "Q?", "answer1": "first", "answer2": "second"},
+        "annotations": [
+            {
+                "id": 2,
+                "was_cancelled": False,
+                "result": [{"type": "pairwise", "value": {"selected": "right"}}],
+            }
+        ],
+    }
     (tmp_path / "export.json").write_text(json.dumps([task]))
     main(["labelstudio", "--input", str(tmp_path / "export.json"), "--output", str(tmp_path / "pairs.jsonl")])
-    assert json.loads((tmp_path / "pairs.jsonl").read_text()) == {"prompt": "Q?", "chosen": "second", "rejected": "first"}
+    assert json.loads((tmp_path / "pairs.jsonl").read_text()) == {
+        "prompt": "Q?",
+        "chosen": "second",
+        "rejected": "first",
+    }
     assert "1 preference pairs from 1 tasks" in capsys.readouterr().out
 
 
@@ -165,7 +252,9 @@ def test_missing_shared_input_says_where_it_looked(monkeypatch, tmp_path):
         main(["labelstudio", "--output", str(tmp_path / "o.jsonl")])
 
 
-@pytest.mark.skipif(not (SHARED / "alpaca_5000_subset").exists(), reason="needs ../shared/data/alpaca_5000_subset")
+@pytest.mark.skipif(
+    not (SHARED / "alpaca_5000_subset").exists(), reason="needs ../shared/data/alpaca_5000_subset"
+)
 def test_rouge_filter_on_the_alpaca_subset():
     rows = json.loads((SHARED / "alpaca_5000_subset" / "alpaca_5000.json").read_text())
     kept, stats = rouge_filter([r["instruction"] for r in rows], 0.7)

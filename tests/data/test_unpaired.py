@@ -1,4 +1,5 @@
-"""Unpaired preference data for KTO: labelled rows, conversion from pairs, mismatched rows, one-label errors."""
+"""Unpaired preference data for KTO: labelled rows, conversion from pairs, mismatched rows, one-label "
+"errors."""
 
 import json
 
@@ -27,34 +28,52 @@ def test_pairs_become_a_desirable_and_an_undesirable_example():
 
 
 def test_unpaired_rows_labels_and_batches(tmp_path):
-    rows = [{"prompt": "Say hi.", "completion": "hi there", "label": True},
-            {"prompt": "Say hi.", "completion": "go away", "label": "bad"},
-            {"prompt": "Count.", "completion": "one two", "label": 1}]
-    dm = UnpairedPreferenceData(source=_jsonl(tmp_path / "u.jsonl", rows), val_fraction=0, batch_size=3,
-                                max_length=64, seed=0)
+    rows = [
+        {"prompt": "Say hi.", "completion": "hi there", "label": True},
+        {"prompt": "Say hi.", "completion": "go away", "label": "bad"},
+        {"prompt": "Count.", "completion": "one two", "label": 1},
+    ]
+    dm = UnpairedPreferenceData(
+        source=_jsonl(tmp_path / "u.jsonl", rows), val_fraction=0, batch_size=3, max_length=64, seed=0
+    )
     dm.setup()
     assert dm.counts["train"] == {"desirable": 2, "undesirable": 1}
     batch = dm.collate(dm.splits["train"], "train")
     tok = dm.tokenizer
     ids, labels, good = batch["input_ids"], batch["labels"], batch["desirable"]
-    assert ids.shape == labels.shape == batch["attention_mask"].shape and good.dtype.is_floating_point is False
+    assert (
+        ids.shape == labels.shape == batch["attention_mask"].shape and good.dtype.is_floating_point is False
+    )
     for i in range(3):  # labels cover " <completion></s>" and nothing of the prompt
         counted = labels[i][labels[i] != IGNORE]
         assert counted[-1].item() == tok.eos_token_id
         assert tok.decode(counted[:-1]) in {" hi there", " go away", " one two"}
     # mismatched rows: prompt i with the completion of example i + 1 of the split (cyclically)
     kl = batch["kl_input_ids"]
-    texts = [tok.decode(kl[i][batch["kl_attention_mask"][i].bool()], skip_special_tokens=True) for i in range(3)]
+    texts = [
+        tok.decode(kl[i][batch["kl_attention_mask"][i].bool()], skip_special_tokens=True) for i in range(3)
+    ]
     completions = [tok.decode(labels[i][labels[i] != IGNORE][:-1]) for i in range(3)]
-    prompts = [t[: -len(c)] for t, c in zip([tok.decode(ids[i][batch["attention_mask"][i].bool()],
-                                                            skip_special_tokens=True) for i in range(3)], completions)]
+    prompts = [
+        t[: -len(c)]
+        for t, c in zip(
+            [
+                tok.decode(ids[i][batch["attention_mask"][i].bool()], skip_special_tokens=True)
+                for i in range(3)
+            ],
+            completions,
+        )
+    ]
     assert texts == [prompts[i] + completions[(i + 1) % 3] for i in range(3)]
 
 
 def test_one_label_only_and_bad_labels_are_clear_errors(tmp_path):
     rows = [{"prompt": "p", "completion": f"answer {i}", "label": True} for i in range(6)]
-    with pytest.raises(DataError, match="all 6 training examples are desirable; KTO learns from desirable and "
-                                        "undesirable examples together"):
+    with pytest.raises(
+        DataError,
+        match="all 6 training examples are desirable; KTO learns from desirable and "
+        "undesirable examples together",
+    ):
         UnpairedPreferenceData(source=_jsonl(tmp_path / "u.jsonl", rows), val_fraction=0).setup()
     rows[2]["label"] = "maybe"
     with pytest.raises(DataError, match=r"u2.jsonl:3: field 'label' = 'maybe' is not a label"):

@@ -37,8 +37,9 @@ def test_chunked_lm_loss_equals_the_plain_masked_loss_and_its_gradient(bias, sca
     hidden, weight, b, labels = _inputs(0, bias)
     plain = masked_lm_loss(_plain_logits(hidden, weight, b, scale, softcap), labels, reduction=reduction)
     for chunk in (1, 4, 1000):  # one position per chunk, uneven chunks, one chunk
-        mine = chunked_lm_loss(hidden, weight, labels, b, scale=scale, softcap=softcap, chunk_size=chunk,
-                               reduction=reduction)
+        mine = chunked_lm_loss(
+            hidden, weight, labels, b, scale=scale, softcap=softcap, chunk_size=chunk, reduction=reduction
+        )
         assert mine.item() == pytest.approx(plain.item(), rel=1e-5, abs=1e-6)
         for a, e in zip(_grads(mine * 1.7, hidden, weight, b), _grads(plain * 1.7, hidden, weight, b)):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
@@ -55,14 +56,16 @@ def test_chunked_lm_loss_gives_ignored_positions_no_gradient():
     assert loss.item() == 0 and torch.autograd.grad(loss, hidden)[0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("bias,temperature,softcap",
-                         [(False, 1.0, None), (True, 0.7, None), (False, 1.3, 2.0)])
+@pytest.mark.parametrize(
+    "bias,temperature,softcap", [(False, 1.0, None), (True, 0.7, None), (False, 1.3, 2.0)]
+)
 def test_chunked_token_logprobs_equal_token_logprobs_and_their_gradients(bias, temperature, softcap):
     hidden, weight, b, labels = _inputs(2, bias)
     tokens = labels.clamp_min(0)
     plain = token_logprobs(_plain_logits(hidden, weight, b, softcap=softcap) / temperature, tokens)  # (B, T)
-    mine = chunked_token_logprobs(hidden, weight, tokens, b, temperature=temperature, softcap=softcap,
-                                  chunk_size=5)
+    mine = chunked_token_logprobs(
+        hidden, weight, tokens, b, temperature=temperature, softcap=softcap, chunk_size=5
+    )
     assert mine.shape == (B, T) and mine.dtype == torch.float32
     torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-6)
     weights = torch.randn(B, T, generator=torch.Generator().manual_seed(3))  # per-token, as PPO's advantages

@@ -66,13 +66,16 @@ def test_duplicated_positives_are_not_negatives():
     ids = torch.tensor([7, 7, 9])
     naive = info_nce(a, p, temperature=1.0)
     masked = info_nce(a, p, temperature=1.0, positive_ids=ids)
+
     # by hand, rows 1-2 drop the duplicate column: row i over {p_i, p3}
     def c(x, y):  # cosine of unit vectors
         return float(x @ y)
 
-    rows = [_lse(c(a[0], p[0]), c(a[0], p[2])) - c(a[0], p[0]),
-            _lse(c(a[1], p[1]), c(a[1], p[2])) - c(a[1], p[1]),
-            _lse(c(a[2], p[2]), c(a[2], p[0])) - c(a[2], p[2])]  # row 3 counts the shared text once
+    rows = [
+        _lse(c(a[0], p[0]), c(a[0], p[2])) - c(a[0], p[0]),
+        _lse(c(a[1], p[1]), c(a[1], p[2])) - c(a[1], p[1]),
+        _lse(c(a[2], p[2]), c(a[2], p[0])) - c(a[2], p[2]),
+    ]  # row 3 counts the shared text once
     assert masked.item() == pytest.approx(sum(rows) / 3, abs=1e-6)
     assert naive > masked  # counting the copy as a negative inflates the loss
     # the masked loss equals the loss of the deduplicated candidate set for anchor 1
@@ -82,12 +85,20 @@ def test_duplicated_positives_are_not_negatives():
 def test_duplicated_anchor_in_symmetric_direction_and_negative_equal_to_positive():
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     p = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
-    with_ids = info_nce(a, p, temperature=1.0, symmetric=True, anchor_ids=torch.tensor([1, 1]),
-                        positive_ids=torch.tensor([2, 3]))
+    with_ids = info_nce(
+        a,
+        p,
+        temperature=1.0,
+        symmetric=True,
+        anchor_ids=torch.tensor([1, 1]),
+        positive_ids=torch.tensor([2, 3]),
+    )
     assert with_ids.item() == pytest.approx(0.0, abs=1e-6)  # every row left with only its own match
     neg = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
     plain = info_nce(a[:1], p[:1], neg, temperature=1.0)
-    masked = info_nce(a[:1], p[:1], neg, temperature=1.0, positive_ids=torch.tensor([2]), negative_ids=torch.tensor([2, 5]))
+    masked = info_nce(
+        a[:1], p[:1], neg, temperature=1.0, positive_ids=torch.tensor([2]), negative_ids=torch.tensor([2, 5])
+    )
     assert masked.item() == pytest.approx(_lse(0.8, 0.0) - 0.8, abs=1e-6) and masked < plain
 
 
@@ -96,7 +107,9 @@ def test_cosent_by_hand_and_gradient_signs():
     scores = torch.tensor([5.0, 0.0, 3.0])
     loss = cosent_loss(cos, scores, scale=1.0)
     # ordered pairs (0>1), (0>2), (2>1): terms cos_low - cos_high
-    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.7) + math.exp(-0.4) + math.exp(-0.3)), abs=1e-6)
+    assert loss.item() == pytest.approx(
+        math.log(1 + math.exp(-0.7) + math.exp(-0.4) + math.exp(-0.3)), abs=1e-6
+    )
     loss.backward()
     assert cos.grad[0] < 0 < cos.grad[1]  # raise the best pair, lower the worst
     assert cos.grad.sum().item() == pytest.approx(0.0, abs=1e-6)  # only differences matter
@@ -104,9 +117,13 @@ def test_cosent_by_hand_and_gradient_signs():
 
 def test_cosent_ties_and_scale():
     cos = torch.tensor([0.1, 0.9])
-    assert cosent_loss(cos, torch.tensor([2.0, 2.0])).item() == pytest.approx(0.0, abs=1e-7)  # no ordered pair
+    assert cosent_loss(cos, torch.tensor([2.0, 2.0])).item() == pytest.approx(
+        0.0, abs=1e-7
+    )  # no ordered pair
     # wrongly ordered pair: log(1 + exp(λ·0.8))
-    assert cosent_loss(cos, torch.tensor([3.0, 1.0]), scale=20.0).item() == pytest.approx(math.log1p(math.exp(16.0)), rel=1e-6)
+    assert cosent_loss(cos, torch.tensor([3.0, 1.0]), scale=20.0).item() == pytest.approx(
+        math.log1p(math.exp(16.0)), rel=1e-6
+    )
 
 
 def test_cosine_regression_by_hand():

@@ -16,7 +16,9 @@ def test_kto_by_hand_and_gradient_signs():
     policy = torch.tensor([-1.0, -2.0], requires_grad=True)
     ref = torch.tensor([-2.0, -1.0])  # implied rewards r = [1, -1]
     desirable = torch.tensor([True, False])
-    loss, rewards = kto_loss(policy, ref, desirable, 0.5, beta=1.0, desirable_weight=2.0, undesirable_weight=1.0)
+    loss, rewards = kto_loss(
+        policy, ref, desirable, 0.5, beta=1.0, desirable_weight=2.0, undesirable_weight=1.0
+    )
     # desirable: 2 (1 - σ(1 - 0.5)); undesirable: 1 - σ(0.5 - (-1))
     assert loss.item() == pytest.approx((2 * (1 - _sigmoid(0.5)) + (1 - _sigmoid(1.5))) / 2, abs=1e-6)
     assert rewards.tolist() == [1.0, -1.0]
@@ -59,7 +61,9 @@ def test_simpo_by_hand_and_gradient_signs():
     rejected = torch.tensor([-1.0, -1.0], requires_grad=True)
     loss, rc, rr = simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)
     # z = β(ℓ_c − ℓ_r) − γ = [0.5, -2.5]
-    assert loss.item() == pytest.approx((math.log1p(math.exp(-0.5)) + math.log1p(math.exp(2.5))) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(
+        (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(2.5))) / 2, abs=1e-6
+    )
     assert rc.tolist() == [-1.0, -4.0] and rr.tolist() == [-2.0, -2.0]
     loss.backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()

@@ -106,7 +106,7 @@ def test_adaptive_kl_controller_by_hand():
     ctl = KLController(0.1, target=6.0, horizon=1000)
     for _ in range(3):
         ctl.update(100.0, 32)
-    assert ctl.value == pytest.approx(0.1 * 1.0064 ** 3)
+    assert ctl.value == pytest.approx(0.1 * 1.0064**3)
     fixed = KLController(0.1, target=None)
     assert fixed.update(100.0, 32) == 0.1
     with pytest.raises(ValueError, match="target must be > 0"):

@@ -45,13 +45,16 @@ def test_an_empty_build_filled_from_the_checkpoint_is_from_pretrained(checkpoint
     assert Backbone(checkpoint).load(kind, **extra) is not None
 
 
-@pytest.mark.parametrize("method,why", [
-    (lambda: LoRA(rank=2), None),
-    (lambda: QLoRA(rank=2), "replaced"),  # quantizes the base weights
-    (lambda: DoRA(rank=2), "computed"),  # magnitudes = column norms of the base weights
-    (lambda: PromptTuning(num_virtual_tokens=2, init="vocab"), "computed"),  # rows of the embedding table
-    (lambda: LoRA(rank=2, init="pissa"), "error"),  # an SVD of the base weights
-])
+@pytest.mark.parametrize(
+    "method,why",
+    [
+        (lambda: LoRA(rank=2), None),
+        (lambda: QLoRA(rank=2), "replaced"),  # quantizes the base weights
+        (lambda: DoRA(rank=2), "computed"),  # magnitudes = column norms of the base weights
+        (lambda: PromptTuning(num_virtual_tokens=2, init="vocab"), "computed"),  # rows of the embedding table
+        (lambda: LoRA(rank=2, init="pissa"), "error"),  # an SVD of the base weights
+    ],
+)
 def test_a_method_that_reads_the_base_weights_is_caught(checkpoint, method, why):
     backbone = Backbone(checkpoint)
     with backbone.empty_for_sharding():
@@ -88,8 +91,10 @@ def test_configure_model_fills_shards_or_loads_whole_with_the_same_start(checkpo
         params = module.named_parameters()
         return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in params}
 
-    for method, path in ((lambda: LoRA(rank=2, init="gaussian"), "read its shard of 38 tensors"),
-                         (lambda: DoRA(rank=2), "loads " + checkpoint + " whole")):
+    for method, path in (
+        (lambda: LoRA(rank=2, init="gaussian"), "read its shard of 38 tensors"),
+        (lambda: DoRA(rank=2), "loads " + checkpoint + " whole"),
+    ):
         with caplog.at_level(logging.INFO, logger="ftlab"):
             caplog.clear()
             sharded = build(method(), one_rank_mesh)

@@ -13,25 +13,40 @@ from ftlab.peft import Full, LoRA
 
 
 def _trainer(tmp_path, steps):
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0,
-                     default_root_dir=tmp_path)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
 
 
 def _validate(model, dm, tmp_path):
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     return trainer.validate(model, dm, verbose=False)[0]
 
 
 def _tiny_bert_backbone(tmp_path) -> Backbone:
-    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               vocab_size=300).save_pretrained(tmp_path / "tiny-bert")
+    BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=300
+    ).save_pretrained(tmp_path / "tiny-bert")
     return Backbone(str(tmp_path / "tiny-bert"), pretrained=False)
 
 
-@pytest.mark.parametrize("backbone,pooling", [("tiny-llama", "last"), ("tiny-llama", "mean"),
-                                              ("bert", "mean"), ("bert", "cls")])
+@pytest.mark.parametrize(
+    "backbone,pooling", [("tiny-llama", "last"), ("tiny-llama", "mean"), ("bert", "mean"), ("bert", "cls")]
+)
 def test_pooling_ignores_padding(backbone, pooling, tmp_path):
     torch.manual_seed(0)
     bb = _tiny_bert_backbone(tmp_path) if backbone == "bert" else Backbone(pretrained=False)
@@ -65,8 +80,15 @@ def test_lora_infonce_learns_retrieval_and_saves_the_temperature(tmp_path):
     L.seed_everything(0)
     before = _validate(Contrastive(Backbone(), _lora(), pooling="mean", recall_k=[1, 3]), dm, tmp_path)
     L.seed_everything(0)
-    model = Contrastive(Backbone(), _lora(), pooling="mean", learn_temperature=True, symmetric=True, recall_k=[1, 3],
-                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    model = Contrastive(
+        Backbone(),
+        _lora(),
+        pooling="mean",
+        learn_temperature=True,
+        symmetric=True,
+        recall_k=[1, 3],
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
     _trainer(tmp_path, 20).fit(model, dm)
     after = _validate(model, dm, tmp_path)
     assert after["val/loss"] < before["val/loss"] - 0.5, (before, after)
@@ -74,7 +96,9 @@ def test_lora_infonce_learns_retrieval_and_saves_the_temperature(tmp_path):
     assert 0 <= after["val/recall@1"] <= after["val/recall@3"] <= 1
     assert after["val/triplet_accuracy"] >= before["val/triplet_accuracy"], (before, after)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "temperature.log_scale" in trainable and all("lora_" in n or n.startswith("temperature") for n in trainable)
+    assert "temperature.log_scale" in trainable and all(
+        "lora_" in n or n.startswith("temperature") for n in trainable
+    )
     assert model.tau().item() != pytest.approx(0.05)  # it moved
     path = model.save_adapter(tmp_path / "adapter")
     loaded = Contrastive(Backbone(), adapter=str(path), pooling="mean", learn_temperature=True)
@@ -94,24 +118,40 @@ def test_full_cosent_raises_spearman_on_graded_pairs(tmp_path):
     model = Contrastive(Backbone(), Full(), pooling="mean", optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
     _trainer(tmp_path, 20).fit(model, dm)
     after = _validate(model, dm, tmp_path)
-    assert -1 <= before["val/spearman"] <= 1 and after["val/spearman"] > before["val/spearman"] + 0.08, (before, after)
+    assert -1 <= before["val/spearman"] <= 1 and after["val/spearman"] > before["val/spearman"] + 0.08, (
+        before,
+        after,
+    )
     assert "val/recall@1" not in after
 
 
 def test_mixed_sources_train_on_the_sum_of_their_losses(tmp_path):
     # STS-style graded pairs (cosine regression under loss=auto) with NLI triplets (InfoNCE)
     lines = ["premise\thypothesis\tlabel"] + [
-        f"Man {i} sleeps .\t{h}\t{label}" for i in range(8)
-        for h, label in ((f"Person {i} rests .", "entailment"), (f"Dog {i} runs .", "contradiction"))]
+        f"Man {i} sleeps .\t{h}\t{label}"
+        for i in range(8)
+        for h, label in ((f"Person {i} rests .", "entailment"), (f"Dog {i} runs .", "contradiction"))
+    ]
     (tmp_path / "nli.tsv").write_text("\n".join(lines) + "\n")
-    dm = PairData(synthetic_task="scored", synthetic_size=64, batch_size=16, max_length=32,
-                  mix_source=str(tmp_path / "nli.tsv"), mix_format="nli", mix_batch_size=4)
-    model = Contrastive(Backbone(), _lora(), loss="auto", graded_loss="cosine", pooling="mean", mix_weight=0.25)
+    dm = PairData(
+        synthetic_task="scored",
+        synthetic_size=64,
+        batch_size=16,
+        max_length=32,
+        mix_source=str(tmp_path / "nli.tsv"),
+        mix_format="nli",
+        mix_batch_size=4,
+    )
+    model = Contrastive(
+        Backbone(), _lora(), loss="auto", graded_loss="cosine", pooling="mean", mix_weight=0.25
+    )
     trainer = _trainer(tmp_path, 2)
     trainer.fit(model, dm)
     m = trainer.callback_metrics
     assert m["train/loss_main"] > 0 and m["train/loss_mix"] > 0
-    assert m["train/loss"].item() == pytest.approx((m["train/loss_main"] + 0.25 * m["train/loss_mix"]).item(), rel=1e-6)
+    assert m["train/loss"].item() == pytest.approx(
+        (m["train/loss_main"] + 0.25 * m["train/loss_mix"]).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="unknown graded_loss"):
         Contrastive(graded_loss="triplet")
     with pytest.raises(ValueError, match="mix_weight must be >= 0"):
@@ -120,8 +160,11 @@ def test_mixed_sources_train_on_the_sum_of_their_losses(tmp_path):
 
 def test_graded_losses_need_scores():
     model = Contrastive(Backbone(pretrained=False), loss="cosent")
-    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "roles": ["anchor", "positive"],
-             "text_ids": torch.arange(4)}
+    batch = {
+        "input_ids": torch.zeros(4, 3, dtype=torch.long),
+        "roles": ["anchor", "positive"],
+        "text_ids": torch.arange(4),
+    }
     with pytest.raises(ValueError, match="needs graded pairs"):
         model.compute_loss(batch, [torch.randn(2, 8), torch.randn(2, 8)])
     with pytest.raises(ValueError, match="unknown loss"):
@@ -171,9 +214,16 @@ def test_cli_links_the_minilm_tokenizer_into_the_contrastive_config(monkeypatch)
     from ftlab.objectives._base import Objective
 
     monkeypatch.chdir(Path(__file__).parents[2])
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   args=["--config", "configs/contrastive.yaml", "--trainer.logger=false"])
-    assert cli.datamodule.tokenizer_name == "minilm" and cli.model.max_length == cli.datamodule.max_length == 64
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", "configs/contrastive.yaml", "--trainer.logger=false"],
+    )
+    assert (
+        cli.datamodule.tokenizer_name == "minilm" and cli.model.max_length == cli.datamodule.max_length == 64
+    )
     assert isinstance(cli.model, Contrastive) and cli.model.loss_name == "cosent"
 
 
@@ -208,12 +258,16 @@ def _local_and_global(model: Contrastive, ref: Contrastive, rank: int, world: in
 def _ddp_worker(rank: int, world: int, store: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        cases = [({"loss": "infonce", "temperature": 0.1, "symmetric": True}, 3, False),  # hard negatives too
-                 ({"loss": "cosent"}, 2, True)]
+        cases = [
+            ({"loss": "infonce", "temperature": 0.1, "symmetric": True}, 3, False),  # hard negatives too
+            ({"loss": "cosent"}, 2, True),
+        ]
         for kwargs, roles, scored in cases:
             gathered = Contrastive(Backbone(pretrained=False), **kwargs)
             one = Contrastive(Backbone(pretrained=False), gather_across_processes=False, **kwargs)
-            (loss, grads), (ref_loss, ref_grads) = _local_and_global(gathered, one, rank, world, roles, scored)
+            (loss, grads), (ref_loss, ref_grads) = _local_and_global(
+                gathered, one, rank, world, roles, scored
+            )
             assert torch.allclose(loss, ref_loss, atol=1e-6), (kwargs, rank, loss, ref_loss)
             for g, r in zip(grads, ref_grads):
                 assert torch.allclose(g, r, atol=1e-6), (kwargs, rank, g, r)

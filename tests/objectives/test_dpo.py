@@ -13,8 +13,16 @@ from ftlab.preference_logps import response_labels
 
 
 def _trainer(tmp_path, **kw):
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def _data(**kw):
@@ -33,8 +41,12 @@ def _base_logps(backbone: Backbone, batch, labels) -> torch.Tensor:
 
 def test_lora_dpo_learns_preferences_and_the_reference_stays_the_frozen_base(tmp_path):
     L.seed_everything(0)
-    model = DPO(Backbone(), LoRA(rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), beta=0.1)
+    model = DPO(
+        Backbone(),
+        LoRA(rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        beta=0.1,
+    )
     dm = _data()
     dm.setup()
     batch = next(iter(dm.val_dataloader()))
@@ -77,8 +89,11 @@ def test_full_fine_tuning_precomputes_the_reference_once(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     labels = response_labels(batch)
     L.seed_everything(0)  # the same random base
-    assert torch.allclose(model.reference_logps(batch, labels), _base_logps(Backbone(pretrained=False), batch, labels),
-                          atol=1e-4)
+    assert torch.allclose(
+        model.reference_logps(batch, labels),
+        _base_logps(Backbone(pretrained=False), batch, labels),
+        atol=1e-4,
+    )
     unseen = {k: v.clone() for k, v in batch.items()}
     unseen["input_ids"][0, 3] = 7  # a pair that was never precomputed
     with pytest.raises(RuntimeError, match="no precomputed reference"):
@@ -95,8 +110,12 @@ def test_response_labels_skip_the_shared_prompt_and_padding():
     batch = {"input_ids": ids, "attention_mask": (ids != pad).long()}
     labels = response_labels(batch)
     I = IGNORE  # noqa: E741
-    assert labels.tolist() == [[I, I, I, 12, 13, 258], [I, I, I, I, 258, I],
-                               [I, I, I, 30, 258, I], [I, I, I, I, 23, 258]]
+    assert labels.tolist() == [
+        [I, I, I, 12, 13, 258],
+        [I, I, I, I, 258, I],
+        [I, I, I, 30, 258, I],
+        [I, I, I, I, 23, 258],
+    ]
     assert torch.equal(response_labels({**batch, "labels": ids}), ids)  # explicit labels win
 
 

@@ -14,17 +14,26 @@ LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_pro
 
 
 def _fit(model, dm, tmp_path, steps):
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=steps,
-              default_root_dir=tmp_path).fit(model, dm)
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_steps=steps,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
 
 
 def _gap(model, batch) -> torch.Tensor:
     """Per pair: length-averaged log π(chosen) − log π(rejected) on held-out pairs, (B,)."""
     model.eval()
     with torch.no_grad():
-        chosen, rejected = sequence_logps(model.model, batch["input_ids"], batch["attention_mask"],
-                                          response_labels(batch), average=True).chunk(2)
+        chosen, rejected = sequence_logps(
+            model.model, batch["input_ids"], batch["attention_mask"], response_labels(batch), average=True
+        ).chunk(2)
     return chosen - rejected
 
 
@@ -69,7 +78,9 @@ def test_kto_reference_is_the_frozen_base_and_full_fine_tuning_precomputes_it(tm
         base = sequence_logps(full.model, *args)
     _fit(full, dm, tmp_path, steps=10)  # into the second epoch: other batches, the same sequences
     assert full.ref.mode == "precomputed" and full.ref.updated
-    assert torch.allclose(full.ref(full.model, *args), base, atol=1e-4)  # the base's, computed before training
+    assert torch.allclose(
+        full.ref(full.model, *args), base, atol=1e-4
+    )  # the base's, computed before training
     with torch.no_grad():
         assert not torch.allclose(sequence_logps(full.model, *args), base, atol=1e-3)
 
@@ -78,7 +89,9 @@ def test_reference_free_objectives_need_no_switch_and_bad_input_is_clear(tmp_pat
     L.seed_everything(0)
     dm = PreferenceData(synthetic_size=32, batch_size=8, max_length=48)
     for objective in (ORPO, SimPO):
-        model = objective(Backbone(pretrained=False), Full(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        model = objective(
+            Backbone(pretrained=False), Full(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)
+        )
         _fit(model, dm, tmp_path, steps=1)  # full fine-tuning: no reference to keep
         assert model.ref is None
     with pytest.raises(ValueError, match="KTO needs batches of labelled single responses"):
@@ -97,8 +110,11 @@ def test_kto_refuses_data_with_one_label(tmp_path):
     import json
 
     path = tmp_path / "thumbs_up.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": "p", "completion": f"fine answer {i}", "label": True})
-                              for i in range(8)))
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": "p", "completion": f"fine answer {i}", "label": True}) for i in range(8)
+        )
+    )
     model = KTO(Backbone(pretrained=False), LoRA(rank=2))
     with pytest.raises(DataError, match="all 8 training examples are desirable"):
         _fit(model, UnpairedPreferenceData(source=str(path), val_fraction=0), tmp_path, steps=1)

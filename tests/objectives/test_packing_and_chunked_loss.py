@@ -20,8 +20,14 @@ from ftlab.peft import Full, LongLoRA, LoRA, PromptTuning
 @pytest.fixture(scope="module")
 def rows():
     """Synthetic instruction samples packed into rows of 192 tokens (about two per row)."""
-    dm = InstructionData(template="alpaca_short", max_length=192, batch_size=4, synthetic_train_size=10,
-                         synthetic_val_size=2, packing=True)
+    dm = InstructionData(
+        template="alpaca_short",
+        max_length=192,
+        batch_size=4,
+        synthetic_train_size=10,
+        synthetic_val_size=2,
+        packing=True,
+    )
     dm.setup("fit")
     return dm, dm.splits["train"]
 
@@ -41,8 +47,12 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
 def _loss_and_grads(model, batch):
     model.zero_grad()
     packed = "position_ids" in batch
-    total = model(batch["input_ids"], None if packed else batch["attention_mask"], batch.get("position_ids"),
-                  labels=batch["labels"])
+    total = model(
+        batch["input_ids"],
+        None if packed else batch["attention_mask"],
+        batch.get("position_ids"),
+        labels=batch["labels"],
+    )
     total.backward()
     return total.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -81,24 +91,49 @@ def test_a_samples_loss_does_not_reach_another_sample_in_the_same_row(rows):
     grad = caught[0].grad  # (1, L, H)
     assert grad[0, :first].abs().max() == 0  # exactly: the block-causal mask cuts the first sample off
     second = len(row[1]["input_ids"]) - 1  # its last token predicts nothing
-    assert grad[0, first:first + second].abs().sum(-1).min() > 0
+    assert grad[0, first : first + second].abs().sum(-1).min() > 0
 
 
-COMMON = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128, pad_token_id=256,
-              bos_token_id=257, eos_token_id=258)
+COMMON = dict(
+    vocab_size=259,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=256,
+    bos_token_id=257,
+    eos_token_id=258,
+)
 DECODERS = {
-    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {}, "gemma2": {"head_dim": 16},
-    "gemma3_text": {"head_dim": 16, "final_logit_softcapping": 5.0}, "phi3": {}, "olmo2": {},
-    "granite": {"logits_scaling": 4.0}, "cohere": {"logit_scale": 0.5}, "gpt_neox": {}, "falcon": {},
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "final_logit_softcapping": 5.0},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {"logits_scaling": 4.0},
+    "cohere": {"logit_scale": 0.5},
+    "gpt_neox": {},
+    "falcon": {},
     "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
     "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
 }
 SEQ2SEQ = {
     "t5": dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, decoder_start_token_id=256),
-    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                 decoder_start_token_id=257),
+    "bart": dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        decoder_start_token_id=257,
+    ),
 }
 
 
@@ -110,8 +145,13 @@ def _both_ways(objective, call):
         objective.model.zero_grad()
         loss = call()
         loss.backward()
-        out.append((loss.item(), [p.grad.clone() for p in objective.model.parameters() if p.grad is not None],
-                    objective.chunked_loss))
+        out.append(
+            (
+                loss.item(),
+                [p.grad.clone() for p in objective.model.parameters() if p.grad is not None],
+                objective.chunked_loss,
+            )
+        )
     return out
 
 
@@ -155,10 +195,13 @@ def test_a_head_that_does_not_match_falls_back_to_the_plain_loss(monkeypatch, ca
     assert loss.item() == pytest.approx(objective(ids, torch.ones_like(ids), labels=ids).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("method,words", [
-    (lambda: PromptTuning(num_virtual_tokens=2), "changes the input in front"),
-    (lambda: LongLoRA(rank=2, group_size=4), "'ftlab_s2attn'"),
-])
+@pytest.mark.parametrize(
+    "method,words",
+    [
+        (lambda: PromptTuning(num_virtual_tokens=2), "changes the input in front"),
+        (lambda: LongLoRA(rank=2, group_size=4), "'ftlab_s2attn'"),
+    ],
+)
 def test_methods_that_cannot_pack_say_so(rows, method, words):
     dm, packed_rows = rows
     batch = collate_packed(packed_rows[:1], dm.tokenizer.pad_token_id)
@@ -168,8 +211,12 @@ def test_methods_that_cannot_pack_say_so(rows, method, words):
 
 def _lora_model() -> CausalLM:
     L.seed_everything(0)
-    return CausalLM(Backbone(pretrained=False), LoRA(rank=2, targets=["q_proj", "v_proj"]),
-                    optimizer=partial(torch.optim.SGD, lr=1.0), exact_match=False)
+    return CausalLM(
+        Backbone(pretrained=False),
+        LoRA(rank=2, targets=["q_proj", "v_proj"]),
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        exact_match=False,
+    )
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -178,24 +225,43 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 def _one_step(dm, accumulate: int, tmp_path) -> dict[str, torch.Tensor]:
     model = _lora_model()
-    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, default_root_dir=tmp_path).fit(model, dm)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
     return _trainable(model)
 
 
 def test_a_step_is_the_mean_over_its_tokens_whatever_the_batching(tmp_path):
     """One SGD step on the same 8 samples: one padded batch, two accumulated padded batches of unequal
     token counts, and packed rows accumulated over three micro-batches all give the same weights."""
+
     def data(packing: bool, batch_size: int):
-        return InstructionData(template="alpaca_short", max_length=192, batch_size=batch_size,
-                               synthetic_train_size=8, synthetic_val_size=2, packing=packing)
+        return InstructionData(
+            template="alpaca_short",
+            max_length=192,
+            batch_size=batch_size,
+            synthetic_train_size=8,
+            synthetic_val_size=2,
+            packing=packing,
+        )
 
     halves = data(False, 4)
     halves.setup("fit")
     order = list(iter(halves.train_dataloader().sampler))
-    counts = [count_targets(halves.collate([halves.splits["train"][i] for i in order[h:h + 4]], "train")
-                            ["labels"]) for h in (0, 4)]
+    counts = [
+        count_targets(
+            halves.collate([halves.splits["train"][i] for i in order[h : h + 4]], "train")["labels"]
+        )
+        for h in (0, 4)
+    ]
     assert counts[0] != counts[1]  # so a mean of the two batch means would differ from the token mean
     whole = _one_step(data(False, 8), 1, tmp_path)
     packed = data(True, 2)
@@ -229,7 +295,9 @@ def test_preference_and_rl_logprobs_chunked_equal_the_plain_ones_and_their_gradi
         assert _gap(a, b) < 1e-5
         ga, gb = (torch.autograd.grad(x.sum(), params) for x in (a, b))
         assert max(_gap(x, y) for x, y in zip(ga, gb)) < 1e-5
-    a, b = (response_logprobs(model, ids, mask, ids[:, 6:], 6, 0.7, hidden=True, chunked=c) for c in (True, False))
+    a, b = (
+        response_logprobs(model, ids, mask, ids[:, 6:], 6, 0.7, hidden=True, chunked=c) for c in (True, False)
+    )
     assert a["logprobs"].shape == (3, 8) and a["hidden"].shape[:2] == (3, 8)
     assert _gap(a["logprobs"], b["logprobs"]) < 1e-5 and _gap(a["hidden"], b["hidden"]) < 1e-5
     ga, gb = (torch.autograd.grad(x["logprobs"].sum() + x["hidden"].sum(), params) for x in (a, b))

@@ -24,15 +24,33 @@ def _fit(model, dm, tmp_path, iterations: int):
     dm.setup()
     per_epoch = min(iterations, -(-len(dm.splits["train"]) // dm.batch_size))
     assert iterations % per_epoch == 0
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_epochs=iterations // per_epoch, limit_train_batches=per_epoch,
-              limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path).fit(model, dm)
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=iterations // per_epoch,
+        limit_train_batches=per_epoch,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
 
 
 def _ppo(backbone=None, **kw):
-    args = {"reward_fn": "ftlab.rewards.has_char", "num_rollouts": 32, "chunk_size": 32, "mini_batch_size": 16,
-            "ppo_epochs": 4, "max_new_tokens": 16, "init_kl_coef": 0.2, "target": 4.0, "horizon": 64,
-            "optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3)}
+    args = {
+        "reward_fn": "ftlab.rewards.has_char",
+        "num_rollouts": 32,
+        "chunk_size": 32,
+        "mini_batch_size": 16,
+        "ppo_epochs": 4,
+        "max_new_tokens": 16,
+        "init_kl_coef": 0.2,
+        "target": 4.0,
+        "horizon": 64,
+        "optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3),
+    }
     return PPO(backbone or Backbone(), LoRA(**LORA), **{**args, **kw})
 
 
@@ -66,14 +84,30 @@ def test_kl_stays_bounded_and_the_reward_rises_on_three_seeds(tmp_path):
     assert max(kls) < 12.0, kls
     assert statistics.mean(gains) > 0.0, gains
     assert min(updates) < 8 <= max(updates)  # target_kl stopped some iterations early, not all
-    assert {"reward", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
-            "early_stop"} <= set(h[0])
+    assert {
+        "reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_frac",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "early_stop",
+    } <= set(h[0])
 
 
 def test_only_the_adapter_and_value_head_train_and_the_reference_is_the_frozen_base(tmp_path):
     L.seed_everything(0)
-    model = _ppo(Backbone(pretrained=False), num_rollouts=8, chunk_size=8, mini_batch_size=4, ppo_epochs=2,
-                 max_new_tokens=6, target_kl=None)
+    model = _ppo(
+        Backbone(pretrained=False),
+        num_rollouts=8,
+        chunk_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        target_kl=None,
+    )
     model.configure_model()  # before a loader draws its seed from the RNG: the same base as `fresh` below
     dm = PromptData(batch_size=8, synthetic_size=16, max_length=32)
     dm.setup()
@@ -102,16 +136,32 @@ def test_only_the_adapter_and_value_head_train_and_the_reference_is_the_frozen_b
 
 
 def test_seeded_runs_are_identical(tmp_path):
-    runs = [run(0, tmp_path, iterations=2, num_rollouts=8, chunk_size=8, mini_batch_size=4, ppo_epochs=2,
-                max_new_tokens=8).history for _ in range(2)]
+    runs = [
+        run(
+            0,
+            tmp_path,
+            iterations=2,
+            num_rollouts=8,
+            chunk_size=8,
+            mini_batch_size=4,
+            ppo_epochs=2,
+            max_new_tokens=8,
+        ).history
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
 def test_rollout_log_probs_match_generation_with_left_padding():
     # GPT-2 has absolute positions: left-padded prompts must be numbered as generate() numbers them.
     L.seed_everything(0)
-    model = PPO(Backbone("tiny-gpt2", pretrained=False), LoRA(rank=2, targets=["c_attn"]),
-                reward_fn="ftlab.rewards.char_fraction", num_rollouts=4, max_new_tokens=6)
+    model = PPO(
+        Backbone("tiny-gpt2", pretrained=False),
+        LoRA(rank=2, targets=["c_attn"]),
+        reward_fn="ftlab.rewards.char_fraction",
+        num_rollouts=4,
+        max_new_tokens=6,
+    )
     model.configure_model()
     tok = model.tokenizer
     tok.padding_side = "left"
@@ -120,10 +170,19 @@ def test_rollout_log_probs_match_generation_with_left_padding():
     ro = model.rollout(batch["input_ids"], batch["attention_mask"], ["a"] * 4)
     torch.manual_seed(3)
     model.eval()  # as in the rollout: GPT-2's dropout would change the sampled tokens
-    out = model.model.generate(**batch, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                               output_logits=True, return_dict_in_generate=True, **model.generation_kwargs)
-    assert torch.equal(out.sequences[:, batch["input_ids"].size(1):], ro.responses)
-    generated = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    out = model.model.generate(
+        **batch,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **model.generation_kwargs,
+    )
+    assert torch.equal(out.sequences[:, batch["input_ids"].size(1) :], ro.responses)
+    generated = (
+        torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+    )
     m = ro.response_mask.bool()
     assert torch.allclose(generated[m], ro.logprobs[m], atol=1e-4)
 
@@ -137,14 +196,18 @@ def test_reward_model_checkpoint_scores_as_its_training_data_encodes(tmp_path):
     model = PPO(Backbone(), LoRA(rank=2), reward_model=str(path), chunk_size=2)
     model.configure_model()
     rm_loaded = model.rewards.sources[0]["model"]
-    assert rm_loaded is not None and not any(m is rm_loaded for m in model.modules())  # not trained, not saved
+    assert rm_loaded is not None and not any(
+        m is rm_loaded for m in model.modules()
+    )  # not trained, not saved
     prompts, responses = ["Twice fen is", "hira in capitals is", "42 + 17 ="], [" fen fen.", "HIRA.", " 59"]
     scores, _ = model.rewards(prompts, responses)
     data = PreferenceData(max_length=64)
     rm.eval()
     with torch.no_grad():
         for p, r, s in zip(prompts, responses, scores):
-            ids = torch.tensor([data._ids(p, r.strip())[0]])  # PreferenceData strips responses when it reads rows
+            ids = torch.tensor(
+                [data._ids(p, r.strip())[0]]
+            )  # PreferenceData strips responses when it reads rows
             assert s.item() == pytest.approx(rm(ids, torch.ones_like(ids)).item(), abs=1e-5)
 
 
@@ -152,23 +215,43 @@ def test_reward_model_checkpoint_scores_as_its_training_data_encodes(tmp_path):
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
     folder = tmp_path / "minilm_rm"
     folder.mkdir()
-    (folder / io.CONFIG).write_text(json.dumps({
-        "format": "ftlab-adapter", "method": "ftlab.peft.lora.LoRA", "init_args": {},
-        "base": {"name_or_path": "minilm"}, "extra": {"objective": "ftlab.objectives.reward_model.RewardModel"},
-    }))
+    (folder / io.CONFIG).write_text(
+        json.dumps(
+            {
+                "format": "ftlab-adapter",
+                "method": "ftlab.peft.lora.LoRA",
+                "init_args": {},
+                "base": {"name_or_path": "minilm"},
+                "extra": {"objective": "ftlab.objectives.reward_model.RewardModel"},
+            }
+        )
+    )
     model = PPO(Backbone(pretrained=False), LoRA(rank=2), reward_model=str(folder))
-    with pytest.raises(ValueError, match="reward model's tokenizer .*minilm.* differs from the policy's .*tiny-llama"):
+    with pytest.raises(
+        ValueError, match="reward model's tokenizer .*minilm.* differs from the policy's .*tiny-llama"
+    ):
         model.configure_model()
-    (folder / io.CONFIG).write_text(json.dumps({"format": "ftlab-adapter", "base": {"name_or_path": "tiny-llama"},
-                                                "extra": {"objective": "ftlab.objectives.causal_lm.CausalLM"}}))
+    (folder / io.CONFIG).write_text(
+        json.dumps(
+            {
+                "format": "ftlab-adapter",
+                "base": {"name_or_path": "tiny-llama"},
+                "extra": {"objective": "ftlab.objectives.causal_lm.CausalLM"},
+            }
+        )
+    )
     with pytest.raises(ValueError, match="not a RewardModel"):
         PPO(Backbone(pretrained=False), LoRA(rank=2), reward_model=str(folder)).configure_model()
 
 
 def test_prompts_longer_than_the_context_leaves_room_for():
     small = Backbone(pretrained=False, config_overrides={"max_position_embeddings": 64})
-    with pytest.raises(ValueError, match="prompts of 48 tokens plus max_new_tokens=32 exceed tiny-llama's 64 positions"):
-        PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_length=48, max_new_tokens=32).configure_model()
+    with pytest.raises(
+        ValueError, match="prompts of 48 tokens plus max_new_tokens=32 exceed tiny-llama's 64 positions"
+    ):
+        PPO(
+            small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_length=48, max_new_tokens=32
+        ).configure_model()
     model = PPO(small, LoRA(rank=2), reward_fn="ftlab.rewards.has_char", max_new_tokens=32)
     model.configure_model()
     ids = torch.full((1, 40), 97)

@@ -10,17 +10,33 @@ from ftlab.peft import LoRA
 
 
 def _fit(model, dm, tmp_path, steps):
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0,
-              default_root_dir=tmp_path).fit(model, dm)
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=tmp_path).validate(model, dm, verbose=False)[0]
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=steps,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).validate(model, dm, verbose=False)[0]
 
 
 def test_lora_reward_model_learns_preferences_and_only_adapter_and_head_train(tmp_path):
     L.seed_everything(0)
-    model = RewardModel(Backbone(pretrained=False), LoRA(rank=4, targets=["q_proj", "v_proj"]),
-                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    model = RewardModel(
+        Backbone(pretrained=False),
+        LoRA(rank=4, targets=["q_proj", "v_proj"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
     metrics = _fit(model, PreferenceData(synthetic_size=320, batch_size=16, max_length=64), tmp_path, 15)
     assert model.pooling == "last"
     assert metrics["val/reward_acc"] >= 0.9 and metrics["val/reward_margin"] > 0, metrics
@@ -67,16 +83,21 @@ def test_reward_reads_the_last_real_token_whatever_the_padding(tmp_path):
     ids[0, :4], ids[1] = short, long
     mask = torch.tensor([[1] * 4 + [0] * 6, [1] * 10])
     with torch.no_grad():
-        assert model(short, torch.ones_like(short))[0].item() == pytest.approx(model(ids, mask)[0].item(), abs=1e-5)
+        assert model(short, torch.ones_like(short))[0].item() == pytest.approx(
+            model(ids, mask)[0].item(), abs=1e-5
+        )
     # an encoder pools (mean) instead
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-               vocab_size=300).save_pretrained(tmp_path / "bert")
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=300
+    ).save_pretrained(tmp_path / "bert")
     encoder = RewardModel(Backbone(str(tmp_path / "bert"), pretrained=False))
     encoder.configure_model()
     encoder.eval()
     with torch.no_grad():
         assert encoder.pooling == "mean"
-        assert encoder(short, torch.ones_like(short))[0].item() == pytest.approx(encoder(ids, mask)[0].item(), abs=1e-5)
+        assert encoder(short, torch.ones_like(short))[0].item() == pytest.approx(
+            encoder(ids, mask)[0].item(), abs=1e-5
+        )
 
 
 def test_margins_from_config_and_batch_raise_the_loss():

@@ -107,8 +107,13 @@ def test_the_pipeline_configs_parse_and_build(config, monkeypatch):
     from ftlab.objectives._base import Objective
 
     monkeypatch.chdir(config.parents[2])
-    cli = FtlabCLI(Objective, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                   args=["--config", str(config), "--trainer.logger=false"])
+    cli = FtlabCLI(
+        Objective,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(config), "--trainer.logger=false"],
+    )
     assert cli.datamodule.max_length == cli.model.max_length
     if config.stem != "sft":
         assert cli.model.base_adapter == "experiments/rlhf_pipeline/runs/sft/seed0/adapter"

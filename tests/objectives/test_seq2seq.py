@@ -10,8 +10,15 @@ from ftlab.peft import LoRA
 
 
 def _data(**kw):
-    return Seq2SeqData(tokenizer="tiny-t5", template="alpaca_short", max_length=96, batch_size=8,
-                       synthetic_train_size=64, synthetic_val_size=8, **kw)
+    return Seq2SeqData(
+        tokenizer="tiny-t5",
+        template="alpaca_short",
+        max_length=96,
+        batch_size=8,
+        synthetic_train_size=64,
+        synthetic_val_size=8,
+        **kw,
+    )
 
 
 def test_batches_are_source_and_target():
@@ -30,8 +37,12 @@ def test_batches_are_source_and_target():
 
 def test_loss_is_the_models_own_and_training_lowers_it(tmp_path):
     L.seed_everything(0)
-    model = Seq2SeqLM(Backbone("tiny-t5"), LoRA(rank=8, targets=["attention"]),
-                      optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3), max_new_tokens=8)
+    model = Seq2SeqLM(
+        Backbone("tiny-t5"),
+        LoRA(rank=8, targets=["attention"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3),
+        max_new_tokens=8,
+    )
     dm = _data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -39,11 +50,20 @@ def test_loss_is_the_models_own_and_training_lowers_it(tmp_path):
     model.eval()  # T5's dropout would make two forwards differ
     with torch.no_grad():
         loss0 = model._loss(batch)
-        theirs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
+        theirs = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
     torch.testing.assert_close(loss0, theirs, atol=1e-5, rtol=1e-5)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=12, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=12,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     with torch.no_grad():
         assert model._loss(batch) < loss0 - 0.5

@@ -4,15 +4,24 @@ import torch
 from ftlab.data import ClassificationData
 from ftlab.models.backbone import Backbone
 from ftlab.objectives import SequenceClassifier
-from ftlab.peft import Full, LoRA
+from ftlab.peft import LoRA
 
 
 def _fit(method, tmp_path, steps=40, **kw):
     L.seed_everything(0)
-    model = SequenceClassifier(Backbone(pretrained=False), method, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), **kw)
+    model = SequenceClassifier(
+        Backbone(pretrained=False), method, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), **kw
+    )
     dm = ClassificationData(source="synthetic", tokenizer="tiny-llama", batch_size=16, max_length=48)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=steps, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=steps,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     return model, trainer.validate(model, dm, verbose=False)[0]
 

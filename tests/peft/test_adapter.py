@@ -50,8 +50,12 @@ def test_layer_selection_places_adapters_in_those_blocks(make_model):
     model = make_model("tiny-llama")
     Adapter(placement="houlsby", layers="1-2").apply(model)
     names = [n for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
-    assert names == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
-                     "model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    assert names == [
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.mlp.down_proj",
+    ]
 
 
 def test_adapter_runs_in_the_base_dtype(make_model, make_batch):
@@ -61,11 +65,14 @@ def test_adapter_runs_in_the_base_dtype(make_model, make_batch):
     assert output(model, make_batch(model)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("backbone", [
-    Backbone("tiny-gpt2", pretrained=False),
-    Backbone("minilm", pretrained=False,
-             config_overrides=SMALL_MINILM),
-], ids=["decoder", "encoder"])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        Backbone("tiny-gpt2", pretrained=False),
+        Backbone("minilm", pretrained=False, config_overrides=SMALL_MINILM),
+    ],
+    ids=["decoder", "encoder"],
+)
 def test_sequence_classifier(backbone):
     from ftlab.objectives import SequenceClassifier
 
@@ -76,16 +83,20 @@ def test_sequence_classifier(backbone):
     torch.nn.functional.cross_entropy(model(ids, torch.ones_like(ids)), torch.tensor([0, 1, 1])).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if not n.startswith("head.")} and all(
-        n.startswith("head.") or ".up." in n or ".down." in n for n in trainable)
+        n.startswith("head.") or ".up." in n or ".down." in n for n in trainable
+    )
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(reduction_factor=0), "reduction_factor must be > 0, got 0"),
-    (dict(bottleneck_size=-2), "bottleneck_size must be > 0, got -2"),
-    (dict(placement="after_everything"), "placement must be 'houlsby' or 'pfeiffer'"),
-    (dict(activation="softplus"), "activation must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(reduction_factor=0), "reduction_factor must be > 0, got 0"),
+        (dict(bottleneck_size=-2), "bottleneck_size must be > 0, got -2"),
+        (dict(placement="after_everything"), "placement must be 'houlsby' or 'pfeiffer'"),
+        (dict(activation="softplus"), "activation must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Adapter(**kwargs)
@@ -115,8 +126,11 @@ def test_an_exotic_model_needs_the_override_it_is_told_about():
             self.config = type("Config", (), {"hidden_size": 4, "num_hidden_layers": 2})()
             self.layers = torch.nn.ModuleList([Block(), Block()])
 
-    with pytest.raises(TargetError, match="cannot find the attention_output projection of block layers.0 in Model; "
-                                          "name it with Adapter's attention_output argument"):
+    with pytest.raises(
+        TargetError,
+        match="cannot find the attention_output projection of block layers.0 in Model; "
+        "name it with Adapter's attention_output argument",
+    ):
         Adapter(placement="houlsby", reduction_factor=2).apply(Model())
     model = Model()
     Adapter(placement="houlsby", reduction_factor=2, attention_output=["mixer"]).apply(model)

@@ -19,29 +19,73 @@ import torch
 
 from ftlab.models.backbone import Backbone
 from ftlab.models.tokenizer import byte_tokenizer
-from ftlab.peft import IA3, Adapter, DoRA, Full, LongLoRA, LoRA, PrefixTuning, PromptTuning, QLoRA, count_parameters
+from ftlab.peft import (
+    IA3,
+    Adapter,
+    DoRA,
+    Full,
+    LongLoRA,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    QLoRA,
+    count_parameters,
+)
 from ftlab.peft.io import load_adapter, save_adapter
 
-COMMON = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              intermediate_size=64, max_position_embeddings=128, pad_token_id=256, bos_token_id=257, eos_token_id=258)
+COMMON = dict(
+    vocab_size=259,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=256,
+    bos_token_id=257,
+    eos_token_id=258,
+)
 DECODERS = {
-    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {}, "gemma2": {"head_dim": 16},
-    "gemma3_text": {"head_dim": 16}, "phi3": {}, "olmo2": {}, "granite": {},
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128), "gpt_neox": {}, "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "gpt_neox": {},
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
     "falcon": {},
 }
 ENCODERS = {
-    "bert": {}, "roberta": dict(max_position_embeddings=386), "deberta-v2": {},
-    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64), "electra": dict(embedding_size=32),
+    "bert": {},
+    "roberta": dict(max_position_embeddings=386),
+    "deberta-v2": {},
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "electra": dict(embedding_size=32),
     "modernbert": dict(cls_token_id=257, sep_token_id=258),
 }
 ENCODER_DECODERS = {
     "t5": dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, decoder_start_token_id=256),
-    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                 encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=257),
+    "bart": dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        decoder_start_token_id=257,
+    ),
 }
-KIND = {**dict.fromkeys(DECODERS, "causal_lm"), **dict.fromkeys(ENCODERS, "encoder"),
-        **dict.fromkeys(ENCODER_DECODERS, "seq2seq_lm")}
+KIND = {
+    **dict.fromkeys(DECODERS, "causal_lm"),
+    **dict.fromkeys(ENCODERS, "encoder"),
+    **dict.fromkeys(ENCODER_DECODERS, "seq2seq_lm"),
+}
 CONFIGS = {**DECODERS, **ENCODERS, **ENCODER_DECODERS}
 
 METHODS = {
@@ -61,12 +105,18 @@ NO_INTERFACE = "attention does not go through transformers' AttentionInterface"
 REFUSED = {
     **{(a, "longlora"): NOT_CAUSAL for a in ENCODERS},  # S²-Attn's groups are causal
     **{(a, "longlora"): "S²-Attn is for decoder-only models" for a in ENCODER_DECODERS},
-    ("falcon", "longlora"): "does not let transformers switch its attention function",  # custom attention code
+    (
+        "falcon",
+        "longlora",
+    ): "does not let transformers switch its attention function",  # custom attention code
     ("gemma2", "longlora"): "soft-caps its attention logits",  # SDPA cannot soft-cap
     ("falcon", "prefix"): NO_INTERFACE,
     ("deberta-v2", "prefix"): NO_INTERFACE,  # disentangled attention computes its own scores
 }
-STARTS_ELSEWHERE = {"prefix", "prompt"}  # attended from the first step: the check is that `disabled` gives the base
+STARTS_ELSEWHERE = {
+    "prefix",
+    "prompt",
+}  # attended from the first step: the check is that `disabled` gives the base
 CELLS = [(a, m) for a in CONFIGS for m in METHODS]
 
 
@@ -81,7 +131,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     for name, extra in CONFIGS.items():
         torch.manual_seed(0)
         folders[name] = root / name
-        auto[KIND[name]].from_config(AutoConfig.for_model(name, **{**COMMON, **extra})).save_pretrained(folders[name])
+        auto[KIND[name]].from_config(AutoConfig.for_model(name, **{**COMMON, **extra})).save_pretrained(
+            folders[name]
+        )
         tokenizer.save_pretrained(folders[name])
     return folders
 
@@ -139,7 +191,9 @@ def test_method_on_architecture(arch, method, checkpoints, tmp_path):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1)
     out = model(**inputs)
-    sum(v.float().pow(2).mean() for v in out.values() if isinstance(v, torch.Tensor) and v.is_floating_point()).backward()
+    sum(
+        v.float().pow(2).mean() for v in out.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     assert count_parameters(model)[0] == m.num_parameters(model) > 0
@@ -148,9 +202,18 @@ def test_method_on_architecture(arch, method, checkpoints, tmp_path):
 
     # save -> load onto a fresh base
     backbone = Backbone(str(path))
-    saved = save_adapter(tmp_path / "adapter", model, m, backbone.fingerprint(model),
-                         extra={"objective": {"causal_lm": "ftlab.objectives.causal_lm.CausalLM",
-                                             "seq2seq_lm": "ftlab.objectives.seq2seq.Seq2SeqLM"}.get(kind, "")})
+    saved = save_adapter(
+        tmp_path / "adapter",
+        model,
+        m,
+        backbone.fingerprint(model),
+        extra={
+            "objective": {
+                "causal_lm": "ftlab.objectives.causal_lm.CausalLM",
+                "seq2seq_lm": "ftlab.objectives.seq2seq.Seq2SeqLM",
+            }.get(kind, "")
+        },
+    )
     fresh = _load(path, kind)
     load_adapter(saved, fresh, backbone.fingerprint(fresh))
     torch.testing.assert_close(_out(fresh, inputs), adapted, atol=1e-5, rtol=1e-5)
@@ -174,7 +237,9 @@ def _reload_merged(adapter: Path, path: Path, kind: str, inputs, adapted, tmp_pa
         out = export(adapter, tmp_path / "merged", Backbone(str(path)))
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        reloaded = (AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSeq2SeqLM).from_pretrained(out)
+        reloaded = (AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSeq2SeqLM).from_pretrained(
+            out
+        )
     torch.testing.assert_close(_out(reloaded, inputs), adapted, atol=1e-5, rtol=1e-5)
 
 
@@ -182,10 +247,21 @@ def test_refusals_are_one_line_through_the_cli(checkpoints, tmp_path, capsys):
     from ftlab.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(Path(__file__).parents[2] / "configs" / "longlora.yaml"),
-              "--model.init_args.backbone.name_or_path", str(checkpoints["falcon"]), "--trainer.fast_dev_run=true",
-              f"--trainer.default_root_dir={tmp_path}", "--data.init_args.synthetic_train_size", "8",
-              "--data.init_args.synthetic_val_size", "4"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).parents[2] / "configs" / "longlora.yaml"),
+                "--model.init_args.backbone.name_or_path",
+                str(checkpoints["falcon"]),
+                "--trainer.fast_dev_run=true",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--data.init_args.synthetic_train_size",
+                "8",
+                "--data.init_args.synthetic_val_size",
+                "4",
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "LongLoRA: FalconForCausalLM does not let transformers switch its attention function" in err

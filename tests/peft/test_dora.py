@@ -57,7 +57,11 @@ def test_the_norm_gets_no_gradient():
     x = torch.randn(6, 12)
     model(x).pow(2).sum().backward()
     got = layer.lora_B["default"].grad.clone()
-    a, b, m = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.lora_magnitude["default"].detach()
+    a, b, m = (
+        layer.lora_A["default"].detach(),
+        layer.lora_B["default"].detach(),
+        layer.lora_magnitude["default"].detach(),
+    )
     v = layer.base.weight + 2.0 * b @ a
     scale = (m / v.norm(dim=1)).detach()
     b_ = b.clone().requires_grad_(True)

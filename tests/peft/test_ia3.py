@@ -26,8 +26,8 @@ def test_rule_and_fold_by_hand(on_input):
     layer = IA3Linear(base, on_input)
     with torch.no_grad():
         layer.ia3_l.uniform_(0.5, 1.5)
-    x, l = torch.randn(3, 6), layer.ia3_l.detach()
-    expected = base(x * l) if on_input else base(x) * l
+    x, scale = torch.randn(3, 6), layer.ia3_l.detach()
+    expected = base(x * scale) if on_input else base(x) * scale
     torch.testing.assert_close(layer(x), expected)
     folded = layer.fold()
     torch.testing.assert_close(folded(x), expected, atol=1e-6, rtol=1e-6)

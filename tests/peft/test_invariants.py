@@ -32,7 +32,17 @@ import torch
 
 from ftlab.models.backbone import Backbone
 from ftlab.peft import (
-    IA3, Adapter, DoRA, Full, LongLoRA, LoRA, LoRAPlus, MethodError, PrefixTuning, PromptTuning, QLoRA,
+    IA3,
+    Adapter,
+    DoRA,
+    Full,
+    LongLoRA,
+    LoRA,
+    LoRAPlus,
+    MethodError,
+    PrefixTuning,
+    PromptTuning,
+    QLoRA,
     count_parameters,
 )
 from ftlab.peft.io import load_adapter, save_adapter
@@ -62,58 +72,174 @@ def r_io(r: int, n_in: int, n_out: int, n: int = 1) -> int:
 
 CASES = [
     Case("full", "tiny-llama", lambda: Full(), LLAMA_TOTAL, disable_error=TRAINS_BASE),
-    Case("full-freeze-bottom2", "tiny-llama", lambda: Full(freeze_layers="bottom:2"), LLAMA_TOTAL - 2 * LLAMA_BLOCK,
-         disable_error=TRAINS_BASE),
-    Case("lora-llama-qv", "tiny-llama", lambda: LoRA(rank=8, targets=["q_proj", "v_proj"]), r_io(8, 128, 128, 8)),
-    Case("lora-llama-all-linear-rslora-top2", "tiny-llama",
-         lambda: LoRA(rank=4, rslora=True, targets=["all-linear"], layers="top:2"),
-         2 * (r_io(4, 128, 128, 4) + r_io(4, 128, 384, 2) + r_io(4, 384, 128))),
-    Case("lora-gpt2-conv1d", "tiny-gpt2", lambda: LoRA(rank=4, targets=["c_attn", "mlp.c_proj"]),
-         r_io(4, 64, 192, 2) + r_io(4, 256, 64, 2)),
-    Case("lora-bert-train-pooler", "tiny-bert", lambda: LoRA(rank=4, targets=["query", "value"], trainable=["pooler"]),
-         r_io(4, 32, 32, 4) + 32 * 32 + 32, disable_error="also trains"),
-    Case("lora-pissa", "tiny-llama", lambda: LoRA(rank=4, init="pissa", targets=["q_proj", "down_proj"]),
-         r_io(4, 128, 128, 4) + r_io(4, 384, 128, 4), disable_error="rewrote the base weights"),
-    Case("lora-olora-gpt2", "tiny-gpt2", lambda: LoRA(rank=4, init="olora", targets=["c_fc"]), r_io(4, 64, 256, 2),
-         disable_error="rewrote the base weights"),
-    Case("loraplus", "tiny-llama", lambda: LoRAPlus(lr_ratio=8, rank=4, targets=["k_proj"]), r_io(4, 128, 128, 4)),
-    Case("dora-llama", "tiny-llama", lambda: DoRA(rank=8, targets=["q_proj", "v_proj"]),
-         r_io(8, 128, 128, 8) + 8 * 128),
-    Case("dora-gpt2-conv1d-dropout", "tiny-gpt2", lambda: DoRA(rank=4, dropout=0.1, targets=["c_attn"]),
-         r_io(4, 64, 192, 2) + 2 * 192),
-    Case("dora-bert", "tiny-bert", lambda: DoRA(rank=4, targets=["query", "value"]), r_io(4, 32, 32, 4) + 4 * 32),
-    Case("qlora", "tiny-llama", lambda: QLoRA(rank=4, targets=["q_proj", "up_proj"]),
-         r_io(4, 128, 128, 4) + r_io(4, 128, 384, 4), base=lambda m: quantize(m, keep_dense=["lm_head"])),
-    Case("longlora", "tiny-llama", lambda: LongLoRA(rank=4, group_size=4),
-         r_io(4, 128, 128, 16) + 259 * 128 + (2 * 4 * 128 + 128), disable_error="trains the base itself"),
-    Case("longlora-frozen-embeddings-norms", "tiny-llama",
-         lambda: LongLoRA(rank=4, group_size=4, train_embeddings=False, train_norms=False), r_io(4, 128, 128, 16)),
+    Case(
+        "full-freeze-bottom2",
+        "tiny-llama",
+        lambda: Full(freeze_layers="bottom:2"),
+        LLAMA_TOTAL - 2 * LLAMA_BLOCK,
+        disable_error=TRAINS_BASE,
+    ),
+    Case(
+        "lora-llama-qv",
+        "tiny-llama",
+        lambda: LoRA(rank=8, targets=["q_proj", "v_proj"]),
+        r_io(8, 128, 128, 8),
+    ),
+    Case(
+        "lora-llama-all-linear-rslora-top2",
+        "tiny-llama",
+        lambda: LoRA(rank=4, rslora=True, targets=["all-linear"], layers="top:2"),
+        2 * (r_io(4, 128, 128, 4) + r_io(4, 128, 384, 2) + r_io(4, 384, 128)),
+    ),
+    Case(
+        "lora-gpt2-conv1d",
+        "tiny-gpt2",
+        lambda: LoRA(rank=4, targets=["c_attn", "mlp.c_proj"]),
+        r_io(4, 64, 192, 2) + r_io(4, 256, 64, 2),
+    ),
+    Case(
+        "lora-bert-train-pooler",
+        "tiny-bert",
+        lambda: LoRA(rank=4, targets=["query", "value"], trainable=["pooler"]),
+        r_io(4, 32, 32, 4) + 32 * 32 + 32,
+        disable_error="also trains",
+    ),
+    Case(
+        "lora-pissa",
+        "tiny-llama",
+        lambda: LoRA(rank=4, init="pissa", targets=["q_proj", "down_proj"]),
+        r_io(4, 128, 128, 4) + r_io(4, 384, 128, 4),
+        disable_error="rewrote the base weights",
+    ),
+    Case(
+        "lora-olora-gpt2",
+        "tiny-gpt2",
+        lambda: LoRA(rank=4, init="olora", targets=["c_fc"]),
+        r_io(4, 64, 256, 2),
+        disable_error="rewrote the base weights",
+    ),
+    Case(
+        "loraplus",
+        "tiny-llama",
+        lambda: LoRAPlus(lr_ratio=8, rank=4, targets=["k_proj"]),
+        r_io(4, 128, 128, 4),
+    ),
+    Case(
+        "dora-llama",
+        "tiny-llama",
+        lambda: DoRA(rank=8, targets=["q_proj", "v_proj"]),
+        r_io(8, 128, 128, 8) + 8 * 128,
+    ),
+    Case(
+        "dora-gpt2-conv1d-dropout",
+        "tiny-gpt2",
+        lambda: DoRA(rank=4, dropout=0.1, targets=["c_attn"]),
+        r_io(4, 64, 192, 2) + 2 * 192,
+    ),
+    Case(
+        "dora-bert",
+        "tiny-bert",
+        lambda: DoRA(rank=4, targets=["query", "value"]),
+        r_io(4, 32, 32, 4) + 4 * 32,
+    ),
+    Case(
+        "qlora",
+        "tiny-llama",
+        lambda: QLoRA(rank=4, targets=["q_proj", "up_proj"]),
+        r_io(4, 128, 128, 4) + r_io(4, 128, 384, 4),
+        base=lambda m: quantize(m, keep_dense=["lm_head"]),
+    ),
+    Case(
+        "longlora",
+        "tiny-llama",
+        lambda: LongLoRA(rank=4, group_size=4),
+        r_io(4, 128, 128, 16) + 259 * 128 + (2 * 4 * 128 + 128),
+        disable_error="trains the base itself",
+    ),
+    Case(
+        "longlora-frozen-embeddings-norms",
+        "tiny-llama",
+        lambda: LongLoRA(rank=4, group_size=4, train_embeddings=False, train_norms=False),
+        r_io(4, 128, 128, 16),
+    ),
     Case("ia3-llama", "tiny-llama", lambda: IA3(), (128 + 128 + 384) * 4),
-    Case("ia3-gpt2-conv1d", "tiny-gpt2", lambda: IA3(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
-         (192 + 256) * 2),
-    Case("ia3-bert", "tiny-bert", lambda: IA3(targets=["key", "value", r"re:.*layer\.\d+\.output\.dense"],
-                                              feedforward=[r"re:.*layer\.\d+\.output\.dense"]), (32 + 32 + 64) * 2),
-    Case("prefix-llama", "tiny-llama", lambda: PrefixTuning(num_virtual_tokens=5), 4 * 2 * 5 * 4 * 32,
-         starts_as_base="prefixes are attended from the first step", merge_error=NO_FOLD),
-    Case("prefix-gpt2-mlp", "tiny-gpt2", lambda: PrefixTuning(num_virtual_tokens=5, reparameterize=True,
-                                                              projection_dim=8),
-         5 * 64 + (64 * 8 + 8) + (8 * 2 * 2 * 4 * 16 + 2 * 2 * 4 * 16),
-         starts_as_base="prefixes are attended from the first step", merge_error=NO_FOLD),
-    Case("prefix-bert", "tiny-bert", lambda: PrefixTuning(num_virtual_tokens=5), 2 * 2 * 5 * 2 * 16,
-         starts_as_base="prefixes are attended from the first step", merge_error=NO_FOLD),
-    Case("prompt-llama", "tiny-llama", lambda: PromptTuning(num_virtual_tokens=5), 5 * 128,
-         starts_as_base="the soft prompt is read from the first step", merge_error=NO_FOLD),
-    Case("prompt-bert", "tiny-bert", lambda: PromptTuning(num_virtual_tokens=5, init="random"), 5 * 32,
-         starts_as_base="the soft prompt is read from the first step", merge_error=NO_FOLD),
-    Case("adapter-houlsby-llama", "tiny-llama", lambda: Adapter(placement="houlsby"), 8 * (2 * 128 * 8 + 8 + 128),
-         merge_error=NO_FOLD),
-    Case("adapter-pfeiffer-gpt2", "tiny-gpt2", lambda: Adapter(reduction_factor=8), 2 * (2 * 64 * 8 + 8 + 64),
-         merge_error=NO_FOLD),
-    Case("adapter-pfeiffer-bert-top1", "tiny-bert", lambda: Adapter(reduction_factor=4, layers="top:1"),
-         2 * 32 * 8 + 8 + 32, merge_error=NO_FOLD),
+    Case(
+        "ia3-gpt2-conv1d",
+        "tiny-gpt2",
+        lambda: IA3(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
+        (192 + 256) * 2,
+    ),
+    Case(
+        "ia3-bert",
+        "tiny-bert",
+        lambda: IA3(
+            targets=["key", "value", r"re:.*layer\.\d+\.output\.dense"],
+            feedforward=[r"re:.*layer\.\d+\.output\.dense"],
+        ),
+        (32 + 32 + 64) * 2,
+    ),
+    Case(
+        "prefix-llama",
+        "tiny-llama",
+        lambda: PrefixTuning(num_virtual_tokens=5),
+        4 * 2 * 5 * 4 * 32,
+        starts_as_base="prefixes are attended from the first step",
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "prefix-gpt2-mlp",
+        "tiny-gpt2",
+        lambda: PrefixTuning(num_virtual_tokens=5, reparameterize=True, projection_dim=8),
+        5 * 64 + (64 * 8 + 8) + (8 * 2 * 2 * 4 * 16 + 2 * 2 * 4 * 16),
+        starts_as_base="prefixes are attended from the first step",
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "prefix-bert",
+        "tiny-bert",
+        lambda: PrefixTuning(num_virtual_tokens=5),
+        2 * 2 * 5 * 2 * 16,
+        starts_as_base="prefixes are attended from the first step",
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "prompt-llama",
+        "tiny-llama",
+        lambda: PromptTuning(num_virtual_tokens=5),
+        5 * 128,
+        starts_as_base="the soft prompt is read from the first step",
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "prompt-bert",
+        "tiny-bert",
+        lambda: PromptTuning(num_virtual_tokens=5, init="random"),
+        5 * 32,
+        starts_as_base="the soft prompt is read from the first step",
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "adapter-houlsby-llama",
+        "tiny-llama",
+        lambda: Adapter(placement="houlsby"),
+        8 * (2 * 128 * 8 + 8 + 128),
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "adapter-pfeiffer-gpt2",
+        "tiny-gpt2",
+        lambda: Adapter(reduction_factor=8),
+        2 * (2 * 64 * 8 + 8 + 64),
+        merge_error=NO_FOLD,
+    ),
+    Case(
+        "adapter-pfeiffer-bert-top1",
+        "tiny-bert",
+        lambda: Adapter(reduction_factor=4, layers="top:1"),
+        2 * 32 * 8 + 8 + 32,
+        merge_error=NO_FOLD,
+    ),
 ]
-
-
 
 
 def _documented_example() -> type:
@@ -131,7 +257,12 @@ BitFit = _documented_example()
 CASES += [  # biases: GPT-2 blocks 192 + 64 + 256 + 64 + 2 LayerNorms of 64, final LayerNorm 64
     Case("doc-bitfit-gpt2", "tiny-gpt2", lambda: BitFit(), 2 * (192 + 64 + 256 + 64 + 2 * 64) + 64),
     # BERT: embedding LayerNorm 32, blocks q/k/v/o 4·32 + 2 LayerNorms 2·32 + MLP 64 + 32, pooler 32
-    Case("doc-bitfit-bert", "tiny-bert", lambda: BitFit(exclude=["pooler"]), 32 + 2 * (4 * 32 + 2 * 32 + 64 + 32)),
+    Case(
+        "doc-bitfit-bert",
+        "tiny-bert",
+        lambda: BitFit(exclude=["pooler"]),
+        32 + 2 * (4 * 32 + 2 * 32 + 64 + 32),
+    ),
 ]
 
 
@@ -244,7 +375,7 @@ def test_disabled_gives_the_base(case, make_model, make_batch):
         torch.testing.assert_close(output(model, ids), base, atol=1e-6, rtol=0)
     assert torch.equal(output(model, ids), adapted)  # switched back on after the block
     with pytest.raises(ZeroDivisionError), method.disabled(model):
-        1 / 0
+        _ = 1 / 0
     assert torch.equal(output(model, ids), adapted)  # also after an error inside the block
 
 
@@ -277,7 +408,9 @@ def test_every_method_class_is_in_the_table():
     import ftlab.peft as peft
     from ftlab.peft.method import Method
 
-    methods = {obj for obj in vars(peft).values() if isinstance(obj, type) and issubclass(obj, Method)} - {Method}
+    methods = {obj for obj in vars(peft).values() if isinstance(obj, type) and issubclass(obj, Method)} - {
+        Method
+    }
     assert methods | {BitFit} == {type(c.method()) for c in CASES}
 
 

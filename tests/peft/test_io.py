@@ -13,7 +13,13 @@ from ftlab.models.backbone import Backbone
 from ftlab.peft import DoRA, LoRA, LoRALinear, PromptTuning
 from ftlab.peft import io as adapter_io
 from ftlab.peft.io import (
-    PEFT_CONFIG, PEFT_WEIGHTS, AdapterError, load_adapter, load_peft_adapter, save_adapter, save_peft_adapter,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    AdapterError,
+    load_adapter,
+    load_peft_adapter,
+    save_adapter,
+    save_peft_adapter,
 )
 from ftlab.peft.lora import adapter_state_dict, lora_layers
 
@@ -74,7 +80,12 @@ def test_ftlab_to_peft(arch, cls, rslora, dora, make_model, make_batch, tmp_path
     assert sorted(p.name for p in path.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS]
     cfg = json.loads((path / PEFT_CONFIG).read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["use_dora"]) == (
-        "LORA", 4, 8, rslora, dora)
+        "LORA",
+        4,
+        8,
+        rslora,
+        dora,
+    )
     assert cfg["fan_in_fan_out"] is conv1d
     keys = load_file(path / PEFT_WEIGHTS)
     assert len(keys) == (3 if dora else 2) * len(list(lora_layers(model)))
@@ -96,7 +107,12 @@ def test_peft_to_ftlab(arch, cls, rslora, dora, make_model, make_batch, tmp_path
     ids = make_batch(base)
     base_out = output(base, ids)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=peft_targets, fan_in_fan_out=conv1d, use_rslora=rslora, use_dora=dora,
+        r=4,
+        lora_alpha=8,
+        target_modules=peft_targets,
+        fan_in_fan_out=conv1d,
+        use_rslora=rslora,
+        use_dora=dora,
     )
     theirs_model = peft.get_peft_model(base, config)
     randomize(theirs_model.named_parameters(), seed=1)
@@ -308,6 +324,7 @@ def test_adapter_json_contents(make_model, tmp_path):
     assert meta["init_args"]["rank"] == 2 and meta["init_args"]["layers"] == [0]
     assert meta["base"] == fp and meta["extra"] == {"step": 7}
     assert set(load_file(path / "adapter.safetensors")) == {
-        "model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B",
+        "model.layers.0.self_attn.q_proj.lora_A",
+        "model.layers.0.self_attn.q_proj.lora_B",
     }
     assert all(isinstance(m, LoRALinear) for m in lora_layers(model))

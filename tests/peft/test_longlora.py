@@ -44,26 +44,32 @@ def test_one_group_without_shift_is_full_causal_attention(dtype, atol):
 
 def test_shift_pattern_by_hand():
     """T = 8, G = 4, two heads: head 0 groups {0-3}, {4-7}; head 1 (shifted by 2) {0,1}, {2-5}, {6,7}."""
-    expected_plain = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-    ], dtype=torch.int)
-    expected_shifted = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 0, 0, 0, 0, 1, 0],
-        [0, 0, 0, 0, 0, 0, 1, 1],
-    ], dtype=torch.int)
+    expected_plain = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 0, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1],
+        ],
+        dtype=torch.int,
+    )
+    expected_shifted = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.int,
+    )
     got = pattern(8, 4)
     assert torch.equal(got[0], expected_plain)
     assert torch.equal(got[1], expected_shifted)
@@ -106,9 +112,15 @@ def test_mask_from_transformers_is_respected():
     # an additive float mask gives the same result, padded to a multiple of the group or not
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     torch.testing.assert_close(shifted_sparse_attention(q, k, v, 4, attention_mask=additive), out)
-    out10 = shifted_sparse_attention(q[..., :10, :], k[..., :10, :], v[..., :10, :], 4, attention_mask=mask[..., :10, :10])
-    torch.testing.assert_close(out10, shifted_sparse_attention(q[..., :10, :], k[..., :10, :], v[..., :10, :], 4,
-                                                               attention_mask=additive[..., :10, :10]))
+    out10 = shifted_sparse_attention(
+        q[..., :10, :], k[..., :10, :], v[..., :10, :], 4, attention_mask=mask[..., :10, :10]
+    )
+    torch.testing.assert_close(
+        out10,
+        shifted_sparse_attention(
+            q[..., :10, :], k[..., :10, :], v[..., :10, :], 4, attention_mask=additive[..., :10, :10]
+        ),
+    )
 
 
 def test_group_larger_than_sequence_is_an_error():
@@ -182,7 +194,9 @@ def test_model_causality_and_right_padding_in_training(make_model, make_batch):
         torch.testing.assert_close(logits(model, ids, mask)[:, :25], out[:, :25], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("train_embeddings, train_norms", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "train_embeddings, train_norms", [(True, True), (False, True), (True, False), (False, False)]
+)
 def test_what_trains_and_gets_gradients(make_model, make_batch, train_embeddings, train_norms):
     model = make_model("tiny-llama")
     method = LongLoRA(rank=4, group_size=8, train_embeddings=train_embeddings, train_norms=train_norms)
@@ -193,8 +207,9 @@ def test_what_trains_and_gets_gradients(make_model, make_batch, train_embeddings
     expected = 4 * 4 * 4 * (128 + 128) + train_embeddings * 259 * 128 + train_norms * (2 * 4 * 128 + 128)
     assert method.num_parameters(model) == count_parameters(model)[0] == expected
     for n, p in model.named_parameters():
-        assert p.requires_grad == ("lora_" in n or (train_embeddings and "embed_tokens" in n)
-                                   or (train_norms and "norm" in n)), n
+        assert p.requires_grad == (
+            "lora_" in n or (train_embeddings and "embed_tokens" in n) or (train_norms and "norm" in n)
+        ), n
         assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, n
 
 

@@ -24,7 +24,9 @@ def perturb(model, std: float = 0.05, seed: int = 123) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
-@pytest.mark.parametrize("name, targets", [("tiny-llama", ["q_proj", "down_proj"]), ("tiny-gpt2", ["c_attn"])])
+@pytest.mark.parametrize(
+    "name, targets", [("tiny-llama", ["q_proj", "down_proj"]), ("tiny-gpt2", ["c_attn"])]
+)
 def test_merge_then_unmerge_restores_the_weights(name, targets, make_model, make_batch):
     model = make_model(name)
     ids = make_batch(model)
@@ -109,11 +111,16 @@ def test_wraps_a_subclass_of_linear(make_batch):
     torch.testing.assert_close(model(x), layer(x))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 0}, "rank must be > 0"), ({"rank": -8}, "rank must be > 0"),
-    ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"), ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-    ({"init": "xavier"}, "init 'xavier' is not one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be > 0"),
+        ({"rank": -8}, "rank must be > 0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"init": "xavier"}, "init 'xavier' is not one of"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRA(**kwargs)

@@ -13,8 +13,12 @@ from ftlab.peft.lora_init import INITS, register
 
 def _layers(make_model, init: str, rank: int = 4, **kw):
     model = make_model("tiny-llama")
-    w0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
-    (QLoRA if kw.pop("qlora", False) else LoRA)(rank=rank, init=init, targets=["q_proj", "down_proj"], **kw).apply(model)
+    w0 = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))
+    }
+    (QLoRA if kw.pop("qlora", False) else LoRA)(
+        rank=rank, init=init, targets=["q_proj", "down_proj"], **kw
+    ).apply(model)
     return [(w0[n], m) for n, m in model.named_modules() if n in w0 and m in set(lora_layers(model))]
 
 

@@ -7,8 +7,15 @@ import torch
 
 from ftlab.peft import LoRA, LoRALinear, count_parameters
 from ftlab.peft.lora import (
-    adapter_names, adapter_state_dict, disable_adapters, inject, load_adapter_state_dict, lora_layers, merge,
-    set_adapter, unmerge,
+    adapter_names,
+    adapter_state_dict,
+    disable_adapters,
+    inject,
+    load_adapter_state_dict,
+    lora_layers,
+    merge,
+    set_adapter,
+    unmerge,
 )
 
 QV = ["q_proj", "v_proj"]

@@ -11,11 +11,14 @@ from ftlab.peft import LoRA, LoRAPlus
 
 
 def _optimizer(method):
-    model = SequenceClassifier(Backbone(pretrained=False), method, num_labels=2,
-                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    model = SequenceClassifier(
+        Backbone(pretrained=False), method, num_labels=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)
+    )
     model.configure_model()
-    kind = {id(p): "lora_A" if ".lora_A." in n else "lora_B" if ".lora_B." in n else n.split(".")[0]
-            for n, p in model.named_parameters()}
+    kind = {
+        id(p): "lora_A" if ".lora_A." in n else "lora_B" if ".lora_B." in n else n.split(".")[0]
+        for n, p in model.named_parameters()
+    }
     lrs: dict[str, set[float]] = {}
     for group in model.configure_optimizers().param_groups:
         for p in group["params"]:

@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, make_model, make_
         model.train()
         calls = []
         attention = next(m for m in model.modules() if "_ftlab_prefix_slot" in vars(m))
-        attention.register_forward_hook(lambda *a: calls.append(1))
+        attention.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         out.logits.pow(2).mean().backward()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointed: the attention reruns in backward
@@ -139,7 +139,7 @@ def test_generation_with_prefix(name, make_model, make_batch):
     ids = make_batch(model, batch=2, length=6)
     out = greedy(model, ids, torch.ones_like(ids), output_scores=True, return_dict_in_generate=True)
     for step, scores in enumerate(out.scores):  # cached steps = a full forward without cache
-        full = model(input_ids=out.sequences[:, :6 + step], use_cache=False).logits[:, -1]
+        full = model(input_ids=out.sequences[:, : 6 + step], use_cache=False).logits[:, -1]
         torch.testing.assert_close(scores, full, atol=1e-4, rtol=1e-4)
     with disable_prefix(model):
         base = greedy(model, ids, None, output_scores=True, return_dict_in_generate=True)
@@ -184,11 +184,14 @@ def test_vocab_init_holds_the_keys_of_real_tokens(make_model):
         torch.testing.assert_close(prefix[i, 1], layer.values[0])
 
 
-@pytest.mark.parametrize("backbone", [
-    Backbone("tiny-llama", pretrained=False, gradient_checkpointing=True),
-    Backbone("minilm", pretrained=False,
-             config_overrides=SMALL_MINILM),
-], ids=["decoder-checkpointed", "encoder"])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        Backbone("tiny-llama", pretrained=False, gradient_checkpointing=True),
+        Backbone("minilm", pretrained=False, config_overrides=SMALL_MINILM),
+    ],
+    ids=["decoder-checkpointed", "encoder"],
+)
 def test_sequence_classifier(backbone):
     from ftlab.objectives import SequenceClassifier
 
@@ -206,12 +209,15 @@ def test_sequence_classifier(backbone):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be > 0, got 0"),
-    (dict(num_virtual_tokens=-1), ValueError, "num_virtual_tokens must be > 0, got -1"),
-    (dict(reparameterize=True, init="vocab"), ValueError, "use init='random' with reparameterize"),
-    (dict(projection_dim=0), ValueError, "projection_dim must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be > 0, got 0"),
+        (dict(num_virtual_tokens=-1), ValueError, "num_virtual_tokens must be > 0, got -1"),
+        (dict(reparameterize=True, init="vocab"), ValueError, "use init='random' with reparameterize"),
+        (dict(projection_dim=0), ValueError, "projection_dim must be > 0"),
+    ],
+)
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         PrefixTuning(**kwargs)

@@ -59,8 +59,13 @@ def test_position_ids_and_token_types_are_extended(make_model, make_batch):
     PromptTuning(num_virtual_tokens=3).apply(model)
     seen = {}
     model.embeddings.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    out = model(input_ids=ids, token_type_ids=torch.ones_like(ids), position_ids=torch.arange(6)[None],
-                attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    out = model(
+        input_ids=ids,
+        token_type_ids=torch.ones_like(ids),
+        position_ids=torch.arange(6)[None],
+        attention_mask=torch.ones_like(ids),
+        output_hidden_states=True,
+    )
     assert torch.equal(seen["position_ids"], torch.arange(9)[None])
     assert torch.equal(seen["token_type_ids"], torch.tensor([[0] * 3 + [1] * 6] * 2))
     assert out.last_hidden_state.shape == (2, 6, 32)
@@ -101,7 +106,7 @@ def test_generation_reuses_the_prompt_from_the_cache(name, make_model, make_batc
     out = greedy(model, ids, torch.ones_like(ids), output_scores=True, return_dict_in_generate=True)
     # each cached step's scores equal a full forward without cache over the sequence so far
     for step, scores in enumerate(out.scores):
-        seq = out.sequences[:, :6 + step]
+        seq = out.sequences[:, : 6 + step]
         full = model(input_ids=seq, use_cache=False).logits[:, -1]
         torch.testing.assert_close(scores, full, atol=1e-4, rtol=1e-4)
 
@@ -112,11 +117,14 @@ def test_generation_reuses_the_prompt_from_the_cache(name, make_model, make_batc
     assert torch.equal(batch[1, 6:], alone[0, 4:])
 
 
-@pytest.mark.parametrize("backbone", [
-    Backbone("tiny-llama", pretrained=False),
-    Backbone("minilm", pretrained=False,
-             config_overrides=SMALL_MINILM),
-], ids=["decoder", "encoder"])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        Backbone("tiny-llama", pretrained=False),
+        Backbone("minilm", pretrained=False, config_overrides=SMALL_MINILM),
+    ],
+    ids=["decoder", "encoder"],
+)
 def test_sequence_classifier_pools_the_real_tokens(backbone):
     from ftlab.objectives import SequenceClassifier
 
@@ -134,12 +142,15 @@ def test_sequence_classifier_pools_the_real_tokens(backbone):
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_virtual_tokens=0), "num_virtual_tokens must be > 0, got 0"),
-    (dict(num_virtual_tokens=-3), "num_virtual_tokens must be > 0, got -3"),
-    (dict(init="text"), "init='text' needs init_text"),
-    (dict(init="vocab", init_text="hi"), "init_text is only used with init='text'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_virtual_tokens=0), "num_virtual_tokens must be > 0, got 0"),
+        (dict(num_virtual_tokens=-3), "num_virtual_tokens must be > 0, got -3"),
+        (dict(init="text"), "init='text' needs init_text"),
+        (dict(init="vocab", init_text="hi"), "init_text is only used with init='text'"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PromptTuning(**kwargs)

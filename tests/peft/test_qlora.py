@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lightning as L
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from ftlab.models.backbone import Backbone
 from ftlab.peft import LoRALinear, QLoRA
 from ftlab.peft.layers import dense_weight
 from ftlab.peft.lora import adapter_state_dict, load_adapter_state_dict, lora_layers, unmerge
 from ftlab.peft.lora import merge as lora_merge
 from ftlab.peft.qlora import (
-    QuantizationError, dequantize, linear_weight_bytes, merge, quantize, weight_bytes,
+    QuantizationError,
+    dequantize,
+    linear_weight_bytes,
+    merge,
+    quantize,
+    weight_bytes,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -48,13 +53,27 @@ def r_in_out(r, i, o, n=1):
 LLAMA_ALL = 4 * (r_in_out(1, 128, 128, 4) + r_in_out(1, 128, 384, 2) + r_in_out(1, 384, 128))
 CASES = [
     Case("llama-nf4-dq-all-linear-r4", "tiny-llama", lambda: QLoRA(rank=4, alpha=8), 4 * LLAMA_ALL, 28),
-    Case("llama-fp4-no-dq-qv-r8", "tiny-llama",
-         lambda: QLoRA(rank=8, targets=["q_proj", "v_proj"], quant_type="fp4", double_quant=False),
-         r_in_out(8, 128, 128, 8), 28),
-    Case("llama-nf4-bf16-storage-mlp-blocks", "tiny-llama",
-         lambda: QLoRA(rank=4, targets=["mlp.*"], quantize=["mlp.*"], quant_storage="bfloat16", blocksize=128),
-         4 * r_in_out(4, 128, 384, 2) + 4 * r_in_out(4, 384, 128), 12),
-    Case("gpt2-conv1d-c_attn", "tiny-gpt2", lambda: QLoRA(rank=8, targets=["c_attn"]), r_in_out(8, 64, 192, 2), 8),
+    Case(
+        "llama-fp4-no-dq-qv-r8",
+        "tiny-llama",
+        lambda: QLoRA(rank=8, targets=["q_proj", "v_proj"], quant_type="fp4", double_quant=False),
+        r_in_out(8, 128, 128, 8),
+        28,
+    ),
+    Case(
+        "llama-nf4-bf16-storage-mlp-blocks",
+        "tiny-llama",
+        lambda: QLoRA(rank=4, targets=["mlp.*"], quantize=["mlp.*"], quant_storage="bfloat16", blocksize=128),
+        4 * r_in_out(4, 128, 384, 2) + 4 * r_in_out(4, 384, 128),
+        12,
+    ),
+    Case(
+        "gpt2-conv1d-c_attn",
+        "tiny-gpt2",
+        lambda: QLoRA(rank=8, targets=["c_attn"]),
+        r_in_out(8, 64, 192, 2),
+        8,
+    ),
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=str)
 
@@ -75,8 +94,16 @@ def perturb(model, std=0.05, seed=123):
 def quantized_only(case, make_model):
     """The base quantized exactly as the case's QLoRA does, with no adapter."""
     model, m = make_model(case.model), case.method()
-    quantize(model, m.quantize, m.keep_dense, m.quant_type, m.double_quant, None,
-             getattr(torch, m.quant_storage), m.blocksize)
+    quantize(
+        model,
+        m.quantize,
+        m.keep_dense,
+        m.quant_type,
+        m.double_quant,
+        None,
+        getattr(torch, m.quant_storage),
+        m.blocksize,
+    )
     return model
 
 
@@ -153,18 +180,29 @@ def test_merge_dense_or_requantized(case, make_model, make_batch):
         w = dense[n].weight.T if case.model == "tiny-gpt2" else dense[n].weight
         assert (dense_weight(m) - w).norm() / w.norm() < 0.15, n
     m = case.method()
-    quantize(model, m.quantize, m.keep_dense, m.quant_type, m.double_quant, None,
-             getattr(torch, m.quant_storage), m.blocksize)
+    quantize(
+        model,
+        m.quantize,
+        m.keep_dense,
+        m.quant_type,
+        m.double_quant,
+        None,
+        getattr(torch, m.quant_storage),
+        m.blocksize,
+    )
     assert torch.equal(output(requantized, ids), output(model, ids))
 
 
 # ------------------------------------------------------------------------------ memory
-@pytest.mark.parametrize("dtype, double_quant, at_least", [
-    ("float32", True, 7.0),  # 32 bits -> ~4.13
-    # 16 bits -> ~4.13 (+ a 1 KiB second-level code book per layer: 3.6x on these 128-wide layers)
-    ("bfloat16", True, 3.5),
-    ("bfloat16", False, 3.5),  # 16 bits -> 4.5 (one fp32 absmax per 64 values)
-])
+@pytest.mark.parametrize(
+    "dtype, double_quant, at_least",
+    [
+        ("float32", True, 7.0),  # 32 bits -> ~4.13
+        # 16 bits -> ~4.13 (+ a 1 KiB second-level code book per layer: 3.6x on these 128-wide layers)
+        ("bfloat16", True, 3.5),
+        ("bfloat16", False, 3.5),  # 16 bits -> 4.5 (one fp32 absmax per 64 values)
+    ],
+)
 def test_quantized_bytes(make_model, dtype, double_quant, at_least):
     model = Backbone("tiny-llama", pretrained=False, dtype=dtype).load("causal_lm")
     before = linear_weight_bytes(model)
@@ -188,7 +226,9 @@ def test_quantized_bytes(make_model, dtype, double_quant, at_least):
     head = weight_bytes(model.lm_head)
     assert report.bytes_before == before - head
     assert linear_weight_bytes(model) == report.bytes_after + head
-    assert any("28 linear layers to 4 bits" in r.getMessage() and "x smaller" in r.getMessage() for r in records)
+    assert any(
+        "28 linear layers to 4 bits" in r.getMessage() and "x smaller" in r.getMessage() for r in records
+    )
 
 
 def test_compute_dtype_sets_adapter_dtype(make_model, make_batch):
@@ -217,9 +257,14 @@ def test_bitsandbytes_missing_is_one_clear_line(make_model, monkeypatch):
         QLoRA().apply(make_model("tiny-llama"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"quant_type": "int4"}, "quant_type"), ({"blocksize": 48}, "blocksize"), ({"blocksize": 8192}, "blocksize"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"quant_type": "int4"}, "quant_type"),
+        ({"blocksize": 48}, "blocksize"),
+        ({"blocksize": 8192}, "blocksize"),
+    ],
+)
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QLoRA(**kwargs)
@@ -261,8 +306,11 @@ def test_eval_forward_does_not_change_training_gradients(make_model, make_batch)
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
-    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-                   for m in model.modules() if isinstance(m, Linear4bit))
+    assert not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+    )
     got, want = lora_grads(model, ids), lora_grads(twin, ids)
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
@@ -282,19 +330,42 @@ def test_lightning_train_validate_train_keeps_lora_gradients(tmp_path):
             self.norms: list[float] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.norms.append(sum(float(p.grad.abs().sum()) for n, p in pl_module.named_parameters() if "lora_B" in n))
+            self.norms.append(
+                sum(float(p.grad.abs().sum()) for n, p in pl_module.named_parameters() if "lora_B" in n)
+            )
 
     L.seed_everything(0)
-    model = CausalLM(Backbone(pretrained=False), QLoRA(rank=4, alpha=8),
-                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), exact_match=False)
+    model = CausalLM(
+        Backbone(pretrained=False),
+        QLoRA(rank=4, alpha=8),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        exact_match=False,
+    )
     model.configure_model()
     twin = copy.deepcopy(model.model)  # never sees eval mode
-    data = InstructionData(template="alpaca_short", max_length=96, batch_size=4, synthetic_train_size=32,
-                           synthetic_val_size=4, tokenizer="tiny-llama")
+    data = InstructionData(
+        template="alpaca_short",
+        max_length=96,
+        batch_size=4,
+        synthetic_train_size=32,
+        synthetic_val_size=4,
+        tokenizer="tiny-llama",
+    )
     grads = GradNorms()
-    trainer = L.Trainer(accelerator=DEVICE.type, devices=1, max_steps=4, val_check_interval=2, num_sanity_val_steps=1,
-                        limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[grads])
+    trainer = L.Trainer(
+        accelerator=DEVICE.type,
+        devices=1,
+        max_steps=4,
+        val_check_interval=2,
+        num_sanity_val_steps=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[grads],
+    )
     trainer.fit(model, data)
     assert len(grads.norms) == 4 and all(g > 0 for g in grads.norms), grads.norms
     assert trainer.validate(model, data, verbose=False)[0]["val/loss"] > 0
@@ -313,13 +384,17 @@ def test_model_quantized_at_load_time_by_transformers(make_model, make_batch, tm
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     make_model("tiny-llama").save_pretrained(tmp_path)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     place = {"device_map": {"": DEVICE.index or 0}} if DEVICE.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, **place)
     method = QLoRA(rank=4)
     method.apply(model)
     assert method.report.layers == 0 and "already 4-bit" in str(method.report)
-    assert all(isinstance(m.base, Linear4bit) and not m.base.support_avx512bf16_for_cpu for m in lora_layers(model))
+    assert all(
+        isinstance(m.base, Linear4bit) and not m.base.support_avx512bf16_for_cpu for m in lora_layers(model)
+    )
     perturb(model)
     ids = make_batch(model)
     model.eval()
@@ -332,13 +407,16 @@ def test_readmes_main_install_brings_bitsandbytes(make_model):
     """README's first command installs the core dependencies only: bitsandbytes must be one of them
     (not only of an extra), and QLoRA then builds."""
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     core = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     assert "bitsandbytes" in core
-    assert all("bitsandbytes" not in d for deps in project.get("optional-dependencies", {}).values() for d in deps)
+    assert all(
+        "bitsandbytes" not in d for deps in project.get("optional-dependencies", {}).values() for d in deps
+    )
     model = make_model("tiny-llama")
     QLoRA(rank=2, targets=["q_proj"]).apply(model)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())

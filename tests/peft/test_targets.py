@@ -84,11 +84,14 @@ def test_gpt2_plain_name_matches_both_c_proj(tiny_gpt2):
 
     kinds = (Conv1D,)
     assert chosen(tiny_gpt2, "c_proj", kinds=kinds) == [
-        "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj",
-        "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.attn.c_proj",
+        "transformer.h.1.mlp.c_proj",
     ]
     assert chosen(tiny_gpt2, "mlp.c_proj", kinds=kinds) == [
-        "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
     ]
 
 
@@ -129,8 +132,15 @@ def test_select_layers(selection, expected):
 
 @pytest.mark.parametrize(
     "layers, expected_layers",
-    [([1], [1]), ([-1], [3]), ("0-1", [0, 1]), ("top:2", [2, 3]), ("bottom:1", [0]), ("top_half", [2, 3]),
-     ("bottom_half", [0, 1])],
+    [
+        ([1], [1]),
+        ([-1], [3]),
+        ("0-1", [0, 1]),
+        ("top:2", [2, 3]),
+        ("bottom:1", [0]),
+        ("top_half", [2, 3]),
+        ("bottom_half", [0, 1]),
+    ],
 )
 def test_find_targets_with_layers(tiny_llama, layers, expected_layers):
     expected = llama_names(expected_layers, ["q_proj", "v_proj"])
