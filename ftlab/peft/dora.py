@@ -58,8 +58,20 @@ class DoRALinear(LoRALinear):
         return dense_weight(self.base).to(a.dtype) + self.scaling[name] * (self.lora_B[name] @ a)
 
     def _scale(self, name: str) -> torch.Tensor:
-        """``m / ‖W0 + s·B A‖_row`` (out,), the norm detached (the paper's memory-saving choice)."""
-        return self.lora_magnitude[name] / self._adapted_weight(name).norm(dim=1).detach()
+        """``m / ‖W0 + s·B A‖_row`` (out,), the norm a constant (the paper's memory-saving choice):
+        computed without autograd, so no (out, in) tensor is kept for the backward pass."""
+        with torch.no_grad():
+            norm = self._row_norm(name)  # (out,)
+        return self.lora_magnitude[name] / norm
+
+    def _row_norm(self, name: str) -> torch.Tensor:
+        """``‖W0 + s·B A‖_row`` (out,) without building the (out, in) sum:
+        ``‖W0_i‖² + 2s·B_i·(W0 Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ``."""
+        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        w0 = dense_weight(self.base).to(a.dtype)  # (out, in)
+        squared = torch.linalg.vector_norm(w0, dim=1).square()  # (out,)
+        squared = squared + 2 * s * (b * (w0 @ a.T)).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+        return squared.clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out) = W0 x + b
@@ -75,6 +87,9 @@ class DoRALinear(LoRALinear):
             w0x = F.linear(xd, dense_weight(self.base).to(a.dtype))
         scale = self._scale(name)  # (out,)
         lora = F.linear(F.linear(xd, a) * self.scaling[name], b)  # (..., out)
+        if isinstance(dropout, nn.Identity):  # h = b + scale ⊙ (W0 x + s·B A x): one product
+            h = scale * (w0x + lora)
+            return (h if self.bias is None else h + self.bias).to(y.dtype)
         return y + ((scale - 1) * w0x + scale * lora).to(y.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
