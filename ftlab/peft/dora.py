@@ -11,9 +11,10 @@ never builds ``W'``; with ``y0 = W0 x`` it computes
 
     h = y0 + b + (m/‖·‖ − 1) ⊙ y0 + (m/‖·‖) ⊙ s·B A x
 
-Only the norm needs ``B A`` (out × in) each step. Merging writes ``W'`` into the base weight;
-unmerging divides the scale out again, so it is exact up to float rounding. Everything else is
-LoRA's: targets, layers, initialisations, several adapters, PEFT's format (with ``use_dora``).
+The row norm comes from ``W0 Aᵀ`` (out × r) and ``A Aᵀ`` (r × r), never the (out × in) sum.
+Merging writes ``W'`` into the base weight; unmerging divides the scale out again, so it is exact
+up to float rounding. Everything else is LoRA's: targets, layers, initialisations, several
+adapters, PEFT's format (with ``use_dora``).
 """
 
 from __future__ import annotations
