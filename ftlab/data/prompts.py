@@ -34,7 +34,7 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
     out = []
     for i in range(n):
         task = tasks[i % len(tasks)]
-        x, _ = synthetic._example(task, rng)
+        x, _ = synthetic.example(task, rng)
         a, _, b = x.partition(" + ")
         phrasing = rng.choice(synthetic._SENTENCES[task])
         out.append(phrasing[: phrasing.index("{y}")].rstrip(" ").format(x=x, a=a, b=b))

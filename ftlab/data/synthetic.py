@@ -37,7 +37,8 @@ def make_word(rng: random.Random) -> str:
     return "".join(rng.choice(CONSONANTS if (i % 2 == 0) == start else VOWELS) for i in range(n))
 
 
-def _example(task: str, rng: random.Random) -> tuple[str, str]:
+def example(task: str, rng: random.Random) -> tuple[str, str]:
+    """One (input, output) pair of ``task`` (``reverse``, ``upper``, ``add`` or ``repeat``)."""
     if task == "add":
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         return f"{a} + {b}", str(a + b)
@@ -56,7 +57,7 @@ def instruction_rows(n: int, seed: int = 0, tasks: list[str] | None = None) -> l
     rows = []
     for i in range(n):
         task = tasks[i % len(tasks)]
-        inp, out = _example(task, rng)
+        inp, out = example(task, rng)
         rows.append({"instruction": TASKS[task], "input": inp, "output": out, "task": task})
     return rows
 
@@ -96,7 +97,7 @@ def corpus_documents(n: int, seed: int = 0, facts_per_document: int = 4) -> list
         lines = []
         for _ in range(facts_per_document):
             task = rng.choice(list(TASKS))
-            x, y = _example(task, rng)
+            x, y = example(task, rng)
             a, _, b = x.partition(" + ")
             lines.append(rng.choice(_SENTENCES[task]).format(x=x, a=a, b=b, y=y))
         docs.append("".join(line + rng.choice([" ", "\n"]) for line in lines).rstrip())
