@@ -28,6 +28,18 @@ def _sts_like(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
+def _snli_like(tmp_path: Path) -> str:
+    """A tiny SNLI file: each premise with an entailed and a contradicted hypothesis."""
+    rows = ["premise\thypothesis\tlabel"]
+    for i in range(8):
+        rows += [
+            f"Man {i} sleeps .\tPerson {i} rests .\tentailment",
+            f"Man {i} sleeps .\tMan {i} runs .\tcontradiction",
+        ]
+    (tmp_path / "snli.tsv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "snli.tsv")
+
+
 def _hh_like(tmp_path: Path) -> str:
     import json
 
@@ -50,6 +62,8 @@ def _overrides(config: Path, tmp_path: Path) -> list[str]:
         extra += ["--data.init_args.source", _sst2_like(tmp_path)]
     if "stsbenchmark" in text:
         extra += ["--data.init_args.source", _sts_like(tmp_path)]
+    if "snli_dev_test" in text:
+        extra += ["--data.init_args.mix_source", _snli_like(tmp_path)]
     if "hh_rlhf" in text:
         extra += ["--data.init_args.source", _hh_like(tmp_path)]
     if "synthetic_size" in text or "TextData" in text:

@@ -1,6 +1,7 @@
 """Which contrastive fine-tuning of MiniLM raises STS-B dev and test, and costs nothing elsewhere?
 
-Every candidate is a list of command-line overrides on ``configs/contrastive.yaml``, built and
+Every candidate is a list of command-line overrides on ``base.yaml`` (``configs/contrastive.yaml`` as it
+was before this experiment), built and
 trained through ``FtlabCLI`` exactly as ``ftlab fit`` would, one process per (candidate, seed).
 The trained model is then scored by the objective's own validation code on four sets:
 
@@ -44,6 +45,7 @@ import lightning as L
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS, SEALED = HERE / "results.jsonl", HERE / "sealed_test.jsonl"
+BASE_CONFIG = HERE / "base.yaml"  # the recipe before the experiment; configs/contrastive.yaml is its outcome
 
 # ----------------------------------------------------------------------------- candidates
 LR, EPOCHS, BATCH = (
@@ -85,7 +87,7 @@ MIX = [
 ]
 MIX_BATCH, MIX_WEIGHT = "--data.init_args.mix_batch_size", "--model.init_args.mix_weight"
 
-#: name -> overrides on configs/contrastive.yaml (CoSENT, full fine-tuning, AdamW with weight decay
+#: name -> overrides on base.yaml (CoSENT, full fine-tuning, AdamW with weight decay
 #: 0.01, 10 % warmup then linear decay, batch 16, max_length 64). STS-B candidates train on STS-B
 #: train (5,749 pairs); NLI ones on the (premise, entailed, contradicted) triplets of SNLI *dev*;
 #: mixed ones on both at once (each step: a batch of STS-B pairs and a batch of SNLI triplets, the
@@ -222,7 +224,7 @@ def run_one(name: str, seed: int, data: Path, work: Path, smoke: bool = False) -
     # NLI runs train on SNLI dev and have no validation split.
     args = [
         "--config",
-        "configs/contrastive.yaml",
+        str(BASE_CONFIG),
         "--data.init_args.source",
         str(data / "stsbenchmark"),
         *overrides,

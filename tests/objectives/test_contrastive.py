@@ -224,7 +224,10 @@ def test_cli_links_the_minilm_tokenizer_into_the_contrastive_config(monkeypatch)
     assert (
         cli.datamodule.tokenizer_name == "minilm" and cli.model.max_length == cli.datamodule.max_length == 64
     )
-    assert isinstance(cli.model, Contrastive) and cli.model.loss_name == "cosent"
+    # the recipe chosen in experiments/contrastive: cosine regression on STS-B, InfoNCE on SNLI at 0.02
+    assert isinstance(cli.model, Contrastive) and cli.model.loss_name == "auto"
+    assert (cli.model.graded_loss, cli.model.mix_weight) == ("cosine", 0.02)
+    assert cli.datamodule.mix_source.endswith("snli_dev_test/dev.tsv") and cli.datamodule.mix_format == "nli"
 
 
 # ---------------------------------------------------------------- in-batch negatives under DDP
