@@ -90,7 +90,9 @@ class TokenizedData(L.LightningDataModule):
             rows = nonempty(rows, f"data source {self.source}")
         return rows
 
-    def _splits(self) -> dict[str, list[Record]]:
+    def split_rows(self) -> dict[str, list[Record]]:
+        """Raw ``train`` and ``validation`` rows as training will see them, before encoding: the
+        validation file, or the ``val_fraction`` split off by ``seed`` (then ``max_samples``)."""
         train = self.raw_rows("train")
         val = self.raw_rows("validation")
         if val is None and self.val_fraction > 0:
@@ -107,7 +109,7 @@ class TokenizedData(L.LightningDataModule):
     # ------------------------------------------------------------------ lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            for split, rows in self._splits().items():
+            for split, rows in self.split_rows().items():
                 self.splits[split] = self._encode_all(rows, split)
             if self.packing_samples and self.splits["train"]:
                 self.splits["train"] = self._pack(self.splits["train"])

@@ -12,7 +12,7 @@ def test_text_packing_makes_full_blocks():
     assert all(len(it["input_ids"]) == 32 for it in blocks)
     encoded = [
         t
-        for r in dm._splits()["train"]
+        for r in dm.split_rows()["train"]
         for t in dm.tokenizer(r["text"])["input_ids"] + [dm.tokenizer.eos_token_id]
     ]
     assert [t for it in blocks for t in it["input_ids"]] == encoded[
