@@ -27,13 +27,16 @@ import csv
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+
+from ftlab.stats import bootstrap_distribution
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -53,7 +56,7 @@ CANDIDATES: dict[str, list[str]] = {
 }
 
 
-def splits(data: str, extra: list[str] = ()) -> tuple[list[dict], list[dict]]:
+def splits(data: str) -> tuple[list[dict], list[dict]]:
     """(train, validation) pairs exactly as the config's ``PreferenceData`` splits ``data``."""
     from ftlab.cli import FtlabCLI
     from ftlab.objectives._base import Objective
@@ -63,9 +66,9 @@ def splits(data: str, extra: list[str] = ()) -> tuple[list[dict], list[dict]]:
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        args=["--config", CONFIG, "--data.init_args.source", data, "--trainer.logger", "false", *extra],
+        args=["--config", CONFIG, "--data.init_args.source", data, "--trainer.logger", "false"],
     )
-    parts = cli.datamodule._splits()
+    parts = cli.datamodule.split_rows()
     return parts["train"], parts["validation"]
 
 
@@ -84,27 +87,22 @@ def length_baselines(pairs: list[dict]) -> dict[str, float]:
     return {"shorter_wins": acc(-1), "longer_wins": acc(1)}
 
 
-def bootstrap(acc: float, n: int, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of an accuracy ``acc`` measured on ``n`` pairs (pairs resampled)."""
-    hits = [1.0] * round(acc * n) + [0.0] * (n - round(acc * n))
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(hits, k=n)) / n for _ in range(draws))
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+def interval(acc: float, n: int) -> tuple[float, float]:
+    """95 % bootstrap interval of an accuracy ``acc`` measured on ``n`` pairs (pairs resampled)."""
+    hits = np.zeros((1, n))
+    hits[0, : round(acc * n)] = 1.0
+    low, high = np.percentile(bootstrap_distribution(hits), [2.5, 97.5])
+    return float(low), float(high)
 
 
 def machine() -> str:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
     )
+    model = names[0].split(":", 1)[1].strip() if names else platform.processor()
     return f"{model}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
@@ -170,49 +168,44 @@ def step_time(name: str) -> str:
     return f"{statistics.median(steps):.1f}" if steps else ""
 
 
-def report(summary: dict) -> None:
-    (HERE / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    n_dev, n_held = summary["dev_pairs"], summary["heldout_pairs"]
-    lines = []
-    if summary["dev"]:
-        lines += [
-            (
-                f"Dev selection (train on {summary['dev_train_pairs']} pairs, score on {n_dev} dev pairs, "
-                "seed 0, one epoch):"
-            ),
-            "",
-            "| candidate | dev pairwise accuracy (95 % interval) | dev loss | median step (s) |",
-            "|---|---|---|---|",
-        ]
-        for name, value in summary["dev_baselines"].items():
-            lines.append(f"| baseline: {name.replace('_', ' ')} | {value:.3f} | | |")
-        for r in summary["dev"]:
-            lo, hi = bootstrap(r["val/reward_acc"], n_dev)
-            lines.append(
-                f"| {r['name'].removeprefix('dev_')} | {r['val/reward_acc']:.3f} ({lo:.3f}-{hi:.3f}) | "
-                f"{r['val/loss']:.3f} | {step_time(r['name'])} |"
-            )
-        lines.append("")
-    chosen = summary.get("chosen")
-    if summary.get("no_dev"):
-        chosen = f"{CONFIG} as it is, no dev selection run"
-    lines += [
-        (
-            f"Held-out ({summary['train_pairs']} training pairs, {n_held} held-out pairs, one epoch, "
-            f"chosen: {chosen}):"
-        ),
+def table(title: str, first: str, summary: dict, split: str, runs: list[dict], n: int) -> list[str]:
+    """A markdown table of ``runs`` scored on ``n`` pairs, under the two length baselines of ``split``."""
+    lines = [
+        title,
         "",
-        "| run | held-out pairwise accuracy (95 % interval) | held-out loss | steps | median step (s) |",
+        f"| {first} | {split} pairwise accuracy (95 % interval) | {split} loss | steps | median step (s) |",
         "|---|---|---|---|---|",
     ]
-    for name, value in summary["baselines"].items():
-        lines.append(f"| baseline: {name.replace('_', ' ')} | {value:.3f} | | | |")
-    for r in summary["heldout"]:
-        lo, hi = bootstrap(r["val/reward_acc"], n_held)
+    baselines = summary["dev_baselines" if split == "dev" else "baselines"]
+    lines += [
+        f"| baseline: {name.replace('_', ' ')} | {value:.3f} | | | |" for name, value in baselines.items()
+    ]
+    for r in runs:
+        lo, hi = interval(r["val/reward_acc"], n)
+        label = f"seed {r['seed']}" if split == "held-out" else r["name"].removeprefix("dev_")
         lines.append(
-            f"| seed {r['seed']} | {r['val/reward_acc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['val/loss']:.3f} | "
+            f"| {label} | {r['val/reward_acc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['val/loss']:.3f} | "
             f"{r['steps']} | {step_time(r['name'])} |"
         )
+    return lines
+
+
+def report(summary: dict) -> None:
+    (HERE / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = []
+    if summary["dev"]:
+        title = (
+            f"Dev selection (train on {summary['dev_train_pairs']} pairs, score on {summary['dev_pairs']} "
+            "dev pairs, seed 0, one epoch):"
+        )
+        lines += [*table(title, "candidate", summary, "dev", summary["dev"], summary["dev_pairs"]), ""]
+    # no dev runs but a choice: --no-dev, the config as it is
+    chosen = summary.get("chosen") if summary["dev"] else f"{CONFIG} as it is, no dev selection run"
+    title = (
+        f"Held-out ({summary['train_pairs']} training pairs, {summary['heldout_pairs']} held-out pairs, "
+        f"one epoch, chosen: {chosen}):"
+    )
+    lines += table(title, "run", summary, "held-out", summary["heldout"], summary["heldout_pairs"])
     accs = [r["val/reward_acc"] for r in summary["heldout"]]
     if accs:
         lines.append(
@@ -260,7 +253,6 @@ def main() -> None:
         "dev_baselines": length_baselines(dev),
         "dev": [],
         "heldout": [],
-        "no_dev": args.no_dev,
     }
     have = (lambda name: (RUNS / name / "result.json").exists()) if args.report_only else (lambda name: True)
     for name, overrides in CANDIDATES.items():
