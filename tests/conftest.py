@@ -24,6 +24,19 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 #: (benchmarks/gpu_check.sh does, for the QLoRA tests); CPU otherwise.
 DEVICE = torch.device(os.environ.get("FTLAB_TEST_DEVICE", "cpu"))
 
+
+def nli_tsv(path, premises: int) -> str:
+    """Write an SNLI-style TSV at ``path``: each premise with an entailed and a contradicted hypothesis."""
+    lines = ["premise\thypothesis\tlabel"]
+    for i in range(premises):
+        lines += [
+            f"Man {i} sleeps .\tPerson {i} rests .\tentailment",
+            f"Man {i} sleeps .\tMan {i} runs .\tcontradiction",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 TINY_BERT = dict(
     hidden_size=32,
     num_hidden_layers=2,

@@ -3,10 +3,13 @@
 from pathlib import Path
 
 import pytest
+from conftest import nli_tsv
 
 from ftlab.cli import main
 
-CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+# every shipped config, and the configs experiments build their candidates on
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "experiments").glob("*/base.yaml"))
 
 
 def _sst2_like(tmp_path: Path) -> str:
@@ -26,18 +29,6 @@ def _sts_like(tmp_path: Path) -> str:
     for split in ("train", "dev", "test"):
         (tmp_path / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
     return str(tmp_path)
-
-
-def _snli_like(tmp_path: Path) -> str:
-    """A tiny SNLI file: each premise with an entailed and a contradicted hypothesis."""
-    rows = ["premise\thypothesis\tlabel"]
-    for i in range(8):
-        rows += [
-            f"Man {i} sleeps .\tPerson {i} rests .\tentailment",
-            f"Man {i} sleeps .\tMan {i} runs .\tcontradiction",
-        ]
-    (tmp_path / "snli.tsv").write_text("\n".join(rows) + "\n")
-    return str(tmp_path / "snli.tsv")
 
 
 def _hh_like(tmp_path: Path) -> str:
@@ -63,7 +54,7 @@ def _overrides(config: Path, tmp_path: Path) -> list[str]:
     if "stsbenchmark" in text:
         extra += ["--data.init_args.source", _sts_like(tmp_path)]
     if "snli_dev_test" in text:
-        extra += ["--data.init_args.mix_source", _snli_like(tmp_path)]
+        extra += ["--data.init_args.mix_source", nli_tsv(tmp_path / "snli.tsv", 8)]
     if "hh_rlhf" in text:
         extra += ["--data.init_args.source", _hh_like(tmp_path)]
     if "synthetic_size" in text or "TextData" in text:
@@ -73,9 +64,13 @@ def _overrides(config: Path, tmp_path: Path) -> list[str]:
     return extra
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def _config_id(path: Path) -> str:
+    return path.stem if path.parent.name == "configs" else f"{path.parent.name}/{path.stem}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(config.parents[1])
+    monkeypatch.chdir(ROOT)
     main(
         [
             "fit",
@@ -90,7 +85,7 @@ def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
 
 def test_links_fill_tokenizer_and_max_length(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(CONFIGS[0].parent / "lora.yaml"), "--print_config"])
+        main(["fit", "--config", str(ROOT / "configs" / "lora.yaml"), "--print_config"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert "max_length: 96" in printed  # linked targets (data tokenizer, model max_length) are not printed
@@ -104,7 +99,7 @@ def test_links_fill_tokenizer_and_max_length(capsys):
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        args=["--config", str(CONFIGS[0].parent / "lora_sst2.yaml"), "--trainer.logger=false"],
+        args=["--config", str(ROOT / "configs" / "lora_sst2.yaml"), "--trainer.logger=false"],
     )
     assert cli.datamodule.tokenizer_name == "minilm"
     assert cli.model.max_length == cli.datamodule.max_length == 64

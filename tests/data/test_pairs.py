@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import nli_tsv
 
 from ftlab.data import DataError, PairData
 from ftlab.data.pairs import read_sts, text_id
@@ -131,17 +132,6 @@ def test_nli_rows_become_triplets(tmp_path, caplog):
         PairData(source=str(path), val_fraction=0).setup()
 
 
-def _nli_file(path, premises: int):
-    lines = ["premise\thypothesis\tlabel"]
-    for i in range(premises):
-        lines += [
-            f"Man {i} sleeps .\tPerson {i} rests .\tentailment",
-            f"Man {i} sleeps .\tMan {i} runs .\tcontradiction",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def test_mix_source_gives_a_batch_of_each_source_per_step(tmp_path):
     # 64 graded pairs in batches of 8 (8 steps) beside 6 NLI triplets in batches of 3 (2, cycled)
     dm = PairData(
@@ -149,7 +139,7 @@ def test_mix_source_gives_a_batch_of_each_source_per_step(tmp_path):
         synthetic_size=64,
         batch_size=8,
         max_length=32,
-        mix_source=_nli_file(tmp_path / "nli.tsv", 6),
+        mix_source=nli_tsv(tmp_path / "nli.tsv", 6),
         mix_format="nli",
         mix_batch_size=3,
     )
