@@ -1,8 +1,8 @@
 """Which contrastive fine-tuning of MiniLM raises STS-B dev and test, and costs nothing elsewhere?
 
-Every candidate is a list of command-line overrides on ``base.yaml`` (``configs/contrastive.yaml`` as it
-was before this experiment), built and
-trained through ``FtlabCLI`` exactly as ``ftlab fit`` would, one process per (candidate, seed).
+Every candidate is a list of command-line overrides on ``base.yaml`` (``configs/contrastive.yaml``
+as it was before this experiment), built and trained through ``FtlabCLI`` exactly as ``ftlab fit``
+would, one process per (candidate, seed).
 The trained model is then scored by the objective's own validation code on four sets:
 
 - STS-B dev and test: Spearman ×100 between the cosine of the two embeddings and the gold score;
@@ -87,8 +87,8 @@ MIX = [
 ]
 MIX_BATCH, MIX_WEIGHT = "--data.init_args.mix_batch_size", "--model.init_args.mix_weight"
 
-#: name -> overrides on base.yaml (CoSENT, full fine-tuning, AdamW with weight decay
-#: 0.01, 10 % warmup then linear decay, batch 16, max_length 64). STS-B candidates train on STS-B
+#: name -> overrides on base.yaml (CoSENT, full fine-tuning, AdamW with weight decay 0.01,
+#: 10 % warmup then linear decay, batch 16, max_length 64). STS-B candidates train on STS-B
 #: train (5,749 pairs); NLI ones on the (premise, entailed, contradicted) triplets of SNLI *dev*;
 #: mixed ones on both at once (each step: a batch of STS-B pairs and a batch of SNLI triplets, the
 #: sum of the two losses; an epoch is STS-B's 360 steps, the SNLI triplets cycle).

@@ -1,11 +1,11 @@
 """STS-B test Spearman of MiniLM before and after contrastive fine-tuning on STS-B train.
 
 Builds the run from ``experiments/contrastive/base.yaml`` (``configs/contrastive.yaml`` as it was
-then: CoSENT on STS-B train) through ftlab's CLI (the same objects
-``ftlab fit`` makes), then: ``trainer.test`` on the base model, ``trainer.fit`` on STS-B train,
-``trainer.test`` again. Same evaluation code both times (``Contrastive.test_step``: cosine of
-mean-pooled, L2-normalised embeddings against the gold scores, torchmetrics' Spearman).
-Also times the ROUGE-L filter on the Alpaca subset. Writes ``results.json`` beside this file.
+then: CoSENT on STS-B train) through ftlab's CLI (the same objects ``ftlab fit`` makes), then:
+``trainer.test`` on the base model, ``trainer.fit`` on STS-B train, ``trainer.test`` again. Same
+evaluation code both times (``Contrastive.test_step``: cosine of mean-pooled, L2-normalised
+embeddings against the gold scores, torchmetrics' Spearman). Also times the ROUGE-L filter on the
+Alpaca subset. Writes ``results.json`` beside this file.
 
     python experiments/contrastive_stsb/run.py                       # base + fine-tuning + filter
     python experiments/contrastive_stsb/run.py --base-only           # evaluation only (~1-2 min)
